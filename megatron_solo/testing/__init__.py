@@ -1,0 +1,1 @@
+"""Test support shipped with the package: the multi-process check runner used by tests/workers/."""

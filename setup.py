@@ -1,0 +1,49 @@
+"""Build megatron-solo and its C++ core (megatron_solo._C: patchify, token layout, the shard packer)."""
+
+from glob import glob
+
+from pybind11.setup_helpers import Pybind11Extension, build_ext
+from setuptools import find_packages, setup
+
+ext = Pybind11Extension(
+    "megatron_solo._C",
+    sorted(glob("csrc/*.cpp")),
+    include_dirs=["csrc"],
+    cxx_std=17,
+    extra_compile_args=["-O3"],
+    extra_link_args=["-pthread"],
+)
+
+setup(
+    name="megatron-solo",
+    version="0.1.0",
+    description="Pre-train SOLO-style vision-language models (one transformer, raw patches) on Megatron-Core",
+    packages=find_packages(include=["megatron_solo", "megatron_solo.*", "tools", "tools.*"]),
+    package_data={"megatron_solo": ["demo_data/*", "demo_data/**/*", "convert/hf_remote/*.py"]},
+    ext_modules=[ext],
+    cmdclass={"build_ext": build_ext},
+    python_requires=">=3.10",
+    install_requires=[
+        # torch: bring your own (CUDA build on GPU / NGC); the CPU dev setup installs torch==2.13.0 first.
+        "torch>=2.4",
+        # Tested: 0.16.1 (CI step 1, Python 3.11 wheel) and 0.19.2 (CI step 2, from source).
+        "megatron-core>=0.16.1,<0.20",
+        "psutil",  # undeclared runtime dependency of megatron.core.dist_checkpointing
+        "numpy",
+        "sentencepiece>=0.2",
+        "pillow>=10",
+        "pybind11>=2.10",
+        "tqdm",
+        "zstandard",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "ruff", "transformers>=4.44", "safetensors", "matplotlib", "tensorboard", "protobuf"],
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "solo-preprocess=tools.preprocess.__main__:main",
+            "solo-extend-tokenizer=megatron_solo.format.tokens:main",
+        ]
+    },
+)

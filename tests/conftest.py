@@ -1,0 +1,14 @@
+"""Shared pytest configuration: which test files also run in CI's megatron-core 0.19.2 step."""
+
+from __future__ import annotations
+
+import pytest
+
+# Files whose tests exercise megatron-core directly (model, TP, trainer): CI runs them on 0.16.1 AND 0.19.2.
+MCORE_VERSION_SENSITIVE = ("test_tp_parity", "test_model", "test_training", "test_platform")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem.startswith(MCORE_VERSION_SENSITIVE):
+            item.add_marker(pytest.mark.mcore019)
