@@ -35,9 +35,10 @@ setup(
         "pybind11>=2.10",
         "tqdm",
         "zstandard",
+        "protobuf",  # sentencepiece_model_pb2: extending the tokenizer's ModelProto
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff", "transformers>=4.44", "safetensors", "matplotlib", "tensorboard", "protobuf"],
+        "test": ["pytest>=8", "ruff", "transformers>=4.44", "safetensors", "matplotlib", "tensorboard"],
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={

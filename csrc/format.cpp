@@ -1,0 +1,198 @@
+// SOLO patchify / unpatchify / image token layout (see format.h), and their pybind11 bindings.
+#include "format.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <tuple>
+
+namespace py = pybind11;
+
+namespace solo {
+
+void check_image_shape(int64_t height, int64_t width) {
+  if (height <= 0 || width <= 0 || height % kPatchSize != 0 || width % kPatchSize != 0) {
+    throw std::invalid_argument("patchify: image height and width must be positive multiples of " +
+                                std::to_string(kPatchSize) + ", got " + std::to_string(height) + "x" +
+                                std::to_string(width) + " (H x W); resize it with the SOLO resize rule first");
+  }
+}
+
+void check_grid(int64_t n_h, int64_t n_w) {
+  if (n_h < 1 || n_w < 1) {
+    throw std::invalid_argument("patch grid must be at least 1x1, got n_h=" + std::to_string(n_h) +
+                                ", n_w=" + std::to_string(n_w));
+  }
+  // Patch indices and token positions are int32 everywhere downstream.
+  if (n_h > std::numeric_limits<int32_t>::max() / 2 / n_w) {
+    throw std::invalid_argument("patch grid " + std::to_string(n_h) + "x" + std::to_string(n_w) +
+                                " is too large for int32 patch indices");
+  }
+}
+
+void patchify(const uint8_t* img, int64_t height, int64_t width, uint8_t* out) {
+  check_image_shape(height, width);
+  const int64_t n_h = height / kPatchSize, n_w = width / kPatchSize;
+  const int64_t plane = kPatchSize * kPatchSize;
+  for (int64_t i = 0; i < n_h; ++i) {
+    for (int64_t j = 0; j < n_w; ++j) {
+      uint8_t* patch = out + (i * n_w + j) * kPatchDim;
+      for (int64_t y = 0; y < kPatchSize; ++y) {
+        const uint8_t* src = img + ((i * kPatchSize + y) * width + j * kPatchSize) * kChannels;
+        uint8_t* r = patch + y * kPatchSize;
+        uint8_t* g = r + plane;
+        uint8_t* b = g + plane;
+        for (int64_t x = 0; x < kPatchSize; ++x) {
+          r[x] = src[3 * x];
+          g[x] = src[3 * x + 1];
+          b[x] = src[3 * x + 2];
+        }
+      }
+    }
+  }
+}
+
+void unpatchify(const uint8_t* patches, int64_t n_h, int64_t n_w, uint8_t* out) {
+  check_grid(n_h, n_w);
+  const int64_t width = n_w * kPatchSize;
+  const int64_t plane = kPatchSize * kPatchSize;
+  for (int64_t i = 0; i < n_h; ++i) {
+    for (int64_t j = 0; j < n_w; ++j) {
+      const uint8_t* patch = patches + (i * n_w + j) * kPatchDim;
+      for (int64_t y = 0; y < kPatchSize; ++y) {
+        uint8_t* dst = out + ((i * kPatchSize + y) * width + j * kPatchSize) * kChannels;
+        const uint8_t* r = patch + y * kPatchSize;
+        const uint8_t* g = r + plane;
+        const uint8_t* b = g + plane;
+        for (int64_t x = 0; x < kPatchSize; ++x) {
+          dst[3 * x] = r[x];
+          dst[3 * x + 1] = g[x];
+          dst[3 * x + 2] = b[x];
+        }
+      }
+    }
+  }
+}
+
+int64_t image_token_count(int64_t n_h, int64_t n_w) {
+  check_grid(n_h, n_w);
+  return n_h * n_w + (n_h - 1) + 2;
+}
+
+void image_layout(int64_t n_h, int64_t n_w, int32_t vision_id, int32_t vpatch_id, int32_t row_sep_id,
+                  int32_t vision_end_id, int32_t* token_ids, int32_t* patch_index, int32_t patch_offset) {
+  check_grid(n_h, n_w);
+  if (patch_offset < 0 || static_cast<int64_t>(patch_offset) + n_h * n_w > std::numeric_limits<int32_t>::max()) {
+    throw std::invalid_argument("image_layout: patch_offset " + std::to_string(patch_offset) +
+                                " out of range for int32 patch indices");
+  }
+  int64_t t = 0;
+  auto put = [&](int32_t id, int32_t pidx) {
+    token_ids[t] = id;
+    if (patch_index != nullptr) patch_index[t] = pidx;
+    ++t;
+  };
+  put(vision_id, -1);
+  for (int64_t i = 0; i < n_h; ++i) {
+    if (i > 0) put(row_sep_id, -1);
+    for (int64_t j = 0; j < n_w; ++j) put(vpatch_id, patch_offset + static_cast<int32_t>(i * n_w + j));
+  }
+  put(vision_end_id, -1);
+}
+
+ImageLayout image_layout(int64_t n_h, int64_t n_w, int32_t vision_id, int32_t vpatch_id, int32_t row_sep_id,
+                         int32_t vision_end_id) {
+  const int64_t n = image_token_count(n_h, n_w);
+  ImageLayout out{std::vector<int32_t>(n), std::vector<int32_t>(n)};
+  image_layout(n_h, n_w, vision_id, vpatch_id, row_sep_id, vision_end_id, out.token_ids.data(), out.patch_index.data());
+  return out;
+}
+
+}  // namespace solo
+
+namespace {
+
+// Accept only uint8 arrays (never silently cast floats); return a C-contiguous view/copy.
+py::array_t<uint8_t, py::array::c_style> as_uint8(const py::array& a, const char* fn, const char* what) {
+  if (!a.dtype().is(py::dtype::of<uint8_t>())) {
+    throw py::type_error(std::string(fn) + ": " + what + " must have dtype uint8, got " +
+                         py::str(a.dtype()).cast<std::string>());
+  }
+  return py::array_t<uint8_t, py::array::c_style>::ensure(a);
+}
+
+py::array_t<uint8_t> py_patchify(const py::array& img_any) {
+  if (img_any.ndim() != 3 || img_any.shape(2) != solo::kChannels) {
+    std::string shape = "(";
+    for (py::ssize_t d = 0; d < img_any.ndim(); ++d) shape += (d ? ", " : "") + std::to_string(img_any.shape(d));
+    throw std::invalid_argument("patchify: expected an RGB image of shape (H, W, 3), got shape " + shape + ")");
+  }
+  auto img = as_uint8(img_any, "patchify", "image");
+  const int64_t height = img.shape(0), width = img.shape(1);
+  solo::check_image_shape(height, width);
+  const int64_t n = (height / solo::kPatchSize) * (width / solo::kPatchSize);
+  py::array_t<uint8_t> out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(solo::kPatchDim)});
+  const uint8_t* src = img.data();
+  uint8_t* dst = out.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    solo::patchify(src, height, width, dst);
+  }
+  return out;
+}
+
+py::array_t<uint8_t> py_unpatchify(const py::array& patches_any, int64_t n_h, int64_t n_w) {
+  solo::check_grid(n_h, n_w);
+  if (patches_any.ndim() != 2 || patches_any.shape(0) != n_h * n_w || patches_any.shape(1) != solo::kPatchDim) {
+    std::string shape = "(";
+    for (py::ssize_t d = 0; d < patches_any.ndim(); ++d) {
+      shape += (d ? ", " : "") + std::to_string(patches_any.shape(d));
+    }
+    throw std::invalid_argument("unpatchify: expected patches of shape (" + std::to_string(n_h * n_w) + ", " +
+                                std::to_string(solo::kPatchDim) + ") for a " + std::to_string(n_h) + "x" +
+                                std::to_string(n_w) + " grid, got " + shape + ")");
+  }
+  auto patches = as_uint8(patches_any, "unpatchify", "patches");
+  py::array_t<uint8_t> out({static_cast<py::ssize_t>(n_h * solo::kPatchSize),
+                            static_cast<py::ssize_t>(n_w * solo::kPatchSize), static_cast<py::ssize_t>(solo::kChannels)});
+  const uint8_t* src = patches.data();
+  uint8_t* dst = out.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    solo::unpatchify(src, n_h, n_w, dst);
+  }
+  return out;
+}
+
+std::tuple<py::array_t<int32_t>, py::array_t<int32_t>> py_image_layout(int64_t n_h, int64_t n_w, int32_t vision_id,
+                                                                       int32_t vpatch_id, int32_t row_sep_id,
+                                                                       int32_t vision_end_id) {
+  const int64_t n = solo::image_token_count(n_h, n_w);
+  py::array_t<int32_t> ids(static_cast<py::ssize_t>(n));
+  py::array_t<int32_t> pidx(static_cast<py::ssize_t>(n));
+  solo::image_layout(n_h, n_w, vision_id, vpatch_id, row_sep_id, vision_end_id, ids.mutable_data(),
+                     pidx.mutable_data());
+  return {ids, pidx};
+}
+
+}  // namespace
+
+void register_format(py::module_& m) {
+  m.attr("PATCH_SIZE") = solo::kPatchSize;
+  m.attr("PATCH_DIM") = solo::kPatchDim;
+  m.def("patchify", &py_patchify, py::arg("img"),
+        "uint8[H, W, 3] (H, W multiples of 32) -> uint8[n_h*n_w, 3072]; channel-first (c, y, x) inside a patch, "
+        "patches row-major.");
+  m.def("unpatchify", &py_unpatchify, py::arg("patches"), py::arg("n_h"), py::arg("n_w"),
+        "uint8[n_h*n_w, 3072] -> uint8[n_h*32, n_w*32, 3]; exact inverse of patchify.");
+  m.def("image_token_count", &solo::image_token_count, py::arg("n_h"), py::arg("n_w"),
+        "Tokens an n_h x n_w patch image costs: n_h*n_w + n_h - 1 + 2.");
+  m.def("image_layout", &py_image_layout, py::arg("n_h"), py::arg("n_w"), py::arg("vision_id"), py::arg("vpatch_id"),
+        py::arg("row_sep_id"), py::arg("vision_end_id"),
+        "(token_ids int32[T], patch_index int32[T]) for <vision> rows of <vpatch> separated by <vrow_sep> "
+        "</vision>; patch_index is -1 for non-patch tokens.");
+}
