@@ -1,0 +1,164 @@
+// Streaming MMIDIDX (.bin/.idx) writer; see mmidx_writer.h for the byte layout.
+#include "mmidx_writer.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+
+namespace solo {
+
+namespace {
+
+constexpr char kIndexHeader[9] = {'M', 'M', 'I', 'D', 'I', 'D', 'X', '\0', '\0'};
+constexpr uint64_t kIndexVersion = 1;
+constexpr size_t kStdioBuffer = size_t{4} << 20;
+
+[[noreturn]] void throw_errno(const std::string& what, const std::string& path) {
+  throw std::runtime_error(what + " " + path + ": " + std::strerror(errno));
+}
+
+void write_all(FILE* f, const void* data, size_t n, const std::string& path) {
+  if (n != 0 && std::fwrite(data, 1, n, f) != n) throw_errno("cannot write", path);
+}
+
+void flush_and_fsync(FILE* f, const std::string& path) {
+  if (std::fflush(f) != 0) throw_errno("cannot flush", path);
+  if (::fsync(::fileno(f)) != 0) throw_errno("cannot fsync", path);
+}
+
+}  // namespace
+
+int64_t mmidx_dtype_size(MMIdxDType dtype) {
+  switch (dtype) {
+    case MMIdxDType::kUInt8:
+    case MMIdxDType::kInt8:
+      return 1;
+    case MMIdxDType::kInt16:
+    case MMIdxDType::kUInt16:
+      return 2;
+    case MMIdxDType::kInt32:
+    case MMIdxDType::kFloat32:
+      return 4;
+    case MMIdxDType::kInt64:
+    case MMIdxDType::kFloat64:
+      return 8;
+  }
+  throw std::invalid_argument("unknown MMIDIDX dtype code");
+}
+
+std::string temp_path_for(const std::string& final_path) { return final_path + ".tmp"; }
+
+void fsync_parent_dir(const std::string& path) {
+  const auto slash = path.find_last_of('/');
+  const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd < 0) throw_errno("cannot open directory", dir);
+  const int rc = ::fsync(fd);
+  ::close(fd);
+  if (rc != 0) throw_errno("cannot fsync directory", dir);
+}
+
+MMIdxWriter::MMIdxWriter(const std::string& prefix, MMIdxDType dtype)
+    : bin_path_(prefix + ".bin"), idx_path_(prefix + ".idx"), dtype_(dtype), itemsize_(mmidx_dtype_size(dtype)) {
+  const std::string tmp = temp_path_for(bin_path_);
+  bin_ = std::fopen(tmp.c_str(), "wb");
+  if (bin_ == nullptr) throw_errno("cannot create", tmp);
+  buffer_.resize(kStdioBuffer);
+  std::setvbuf(bin_, buffer_.data(), _IOFBF, buffer_.size());
+}
+
+MMIdxWriter::~MMIdxWriter() { abort(); }
+
+void MMIdxWriter::write_bytes(const void* data, size_t n) {
+  write_all(bin_, data, n, temp_path_for(bin_path_));
+  offset_ += static_cast<int64_t>(n);
+}
+
+void MMIdxWriter::begin_sequence() {
+  if (finished_) throw std::logic_error("MMIdxWriter: begin_sequence after finish: " + bin_path_);
+  if (seq_start_ >= 0) throw std::logic_error("MMIdxWriter: begin_sequence inside an open sequence");
+  seq_start_ = offset_;
+}
+
+void MMIdxWriter::append(const void* data, int64_t n_elements) {
+  if (seq_start_ < 0) throw std::logic_error("MMIdxWriter: append outside a sequence");
+  write_bytes(data, static_cast<size_t>(n_elements * itemsize_));
+}
+
+void MMIdxWriter::end_sequence() {
+  if (seq_start_ < 0) throw std::logic_error("MMIdxWriter: end_sequence without begin_sequence");
+  const int64_t n = (offset_ - seq_start_) / itemsize_;
+  // Megatron stores sequence lengths as int32 element counts.
+  if (n > std::numeric_limits<int32_t>::max()) {
+    throw std::overflow_error("MMIdxWriter: sequence of " + std::to_string(n) + " elements exceeds int32 in " +
+                              bin_path_);
+  }
+  lengths_.push_back(static_cast<int32_t>(n));
+  pointers_.push_back(seq_start_);
+  seq_start_ = -1;
+}
+
+void MMIdxWriter::finish() {
+  if (finished_) return;
+  if (seq_start_ >= 0) throw std::logic_error("MMIdxWriter: finish inside an open sequence");
+  // numpy.memmap (used by IndexedDataset) cannot map an empty file: a shard whose sequences are all empty (e.g.
+  // text-only patches) gets 8 unreferenced zero bytes. Readers only follow the pointers, so this is invisible.
+  if (offset_ == 0) {
+    const char zeros[8] = {};
+    write_bytes(zeros, sizeof(zeros));
+  }
+  flush_and_fsync(bin_, temp_path_for(bin_path_));
+  std::fclose(bin_);
+  bin_ = nullptr;
+
+  const std::string tmp = temp_path_for(idx_path_);
+  FILE* idx = std::fopen(tmp.c_str(), "wb");
+  if (idx == nullptr) throw_errno("cannot create", tmp);
+  try {
+    const uint64_t n_seq = lengths_.size();
+    const uint64_t n_doc = n_seq + 1;
+    const uint8_t code = static_cast<uint8_t>(dtype_);
+    write_all(idx, kIndexHeader, sizeof(kIndexHeader), tmp);
+    write_all(idx, &kIndexVersion, sizeof(kIndexVersion), tmp);  // little-endian hosts only (x86-64, aarch64)
+    write_all(idx, &code, 1, tmp);
+    write_all(idx, &n_seq, sizeof(n_seq), tmp);
+    write_all(idx, &n_doc, sizeof(n_doc), tmp);
+    write_all(idx, lengths_.data(), lengths_.size() * sizeof(int32_t), tmp);
+    write_all(idx, pointers_.data(), pointers_.size() * sizeof(int64_t), tmp);
+    std::vector<int64_t> doc_idx(n_doc);
+    for (uint64_t i = 0; i < n_doc; ++i) doc_idx[i] = static_cast<int64_t>(i);
+    write_all(idx, doc_idx.data(), doc_idx.size() * sizeof(int64_t), tmp);
+    flush_and_fsync(idx, tmp);
+  } catch (...) {
+    std::fclose(idx);
+    throw;
+  }
+  std::fclose(idx);
+  finished_ = true;
+}
+
+void MMIdxWriter::commit() {
+  if (!finished_) throw std::logic_error("MMIdxWriter: commit before finish: " + bin_path_);
+  if (committed_) return;
+  for (const std::string* p : {&bin_path_, &idx_path_}) {
+    const std::string tmp = temp_path_for(*p);
+    if (std::rename(tmp.c_str(), p->c_str()) != 0) throw_errno("cannot rename " + tmp + " to", *p);
+  }
+  committed_ = true;
+}
+
+void MMIdxWriter::abort() noexcept {
+  if (committed_) return;
+  if (bin_ != nullptr) {
+    std::fclose(bin_);
+    bin_ = nullptr;
+  }
+  std::remove(temp_path_for(bin_path_).c_str());
+  std::remove(temp_path_for(idx_path_).c_str());
+}
+
+}  // namespace solo

@@ -1,0 +1,759 @@
+// SOLO shard packer (best-fit-decreasing over a bounded buffer) and its pybind11 bindings. See packer.h and
+// docs/shard_format.md.
+#include "packer.h"
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <sstream>
+#include <stdexcept>
+
+#include "format.h"
+
+namespace py = pybind11;
+
+namespace solo {
+
+// ===================================================================================== BestFitPlanner
+BestFitPlanner::BestFitPlanner(int64_t capacity, int64_t buffer_items, int64_t slack)
+    : capacity_(capacity), buffer_items_(buffer_items), slack_(slack >= 0 ? slack : capacity / 256) {
+  if (capacity < 1) throw std::invalid_argument("seq_length must be >= 1, got " + std::to_string(capacity));
+  if (buffer_items < 1) throw std::invalid_argument("buffer_docs must be >= 1, got " + std::to_string(buffer_items));
+  items_.reserve(static_cast<size_t>(buffer_items));
+}
+
+std::vector<BestFitPlanner::Bin> BestFitPlanner::push(int64_t id, int64_t length) {
+  if (length < 1 || length > capacity_) {
+    throw std::invalid_argument("planner item of length " + std::to_string(length) + " does not fit a pack of " +
+                                std::to_string(capacity_));
+  }
+  items_.push_back({id, length});
+  if (static_cast<int64_t>(items_.size()) >= buffer_items_) return round(false, buffer_items_ / 2);
+  return {};
+}
+
+std::vector<BestFitPlanner::Bin> BestFitPlanner::flush() { return round(true, 0); }
+
+std::vector<BestFitPlanner::Bin> BestFitPlanner::shrink() {
+  return round(false, static_cast<int64_t>(items_.size()) / 2);
+}
+
+std::vector<BestFitPlanner::Bin> BestFitPlanner::round(bool final, int64_t retain_limit) {
+  // Best-fit decreasing: longest first (ties: earliest arrival), each into the open bin with the least room that
+  // still fits (ties: the bin that reached that room first).
+  std::sort(items_.begin(), items_.end(), [](const Item& a, const Item& b) {
+    return a.length != b.length ? a.length > b.length : a.id < b.id;
+  });
+  struct OpenBin {
+    int64_t remaining;
+    std::vector<Item> items;
+  };
+  std::vector<OpenBin> bins;
+  std::multimap<int64_t, size_t> by_room;
+  for (const Item& it : items_) {
+    auto slot = by_room.lower_bound(it.length);
+    size_t b;
+    if (slot == by_room.end()) {
+      b = bins.size();
+      bins.push_back({capacity_, {}});
+    } else {
+      b = slot->second;
+      by_room.erase(slot);
+    }
+    bins[b].remaining -= it.length;
+    bins[b].items.push_back(it);
+    if (bins[b].remaining > 0) by_room.emplace(bins[b].remaining, b);
+  }
+
+  std::vector<char> emit(bins.size(), final ? 1 : 0);
+  if (!final) {
+    int64_t retained = 0;
+    for (size_t b = 0; b < bins.size(); ++b) {
+      if (bins[b].remaining <= slack_) {
+        emit[b] = 1;
+      } else {
+        retained += static_cast<int64_t>(bins[b].items.size());
+      }
+    }
+    // Bound the buffer: keep at most retain_limit items for re-packing; emit the fullest of the rest.
+    if (retained > retain_limit) {
+      std::vector<size_t> kept;
+      for (size_t b = 0; b < bins.size(); ++b) {
+        if (!emit[b]) kept.push_back(b);
+      }
+      std::stable_sort(kept.begin(), kept.end(),
+                       [&](size_t a, size_t b) { return bins[a].remaining < bins[b].remaining; });
+      for (size_t b : kept) {
+        if (retained <= retain_limit) break;
+        emit[b] = 1;
+        retained -= static_cast<int64_t>(bins[b].items.size());
+      }
+    }
+  }
+
+  std::vector<Bin> out;
+  std::vector<Item> keep;
+  for (size_t b = 0; b < bins.size(); ++b) {
+    if (emit[b]) {
+      Bin ids;
+      ids.reserve(bins[b].items.size());
+      for (const Item& it : bins[b].items) ids.push_back(it.id);
+      out.push_back(std::move(ids));
+    } else {
+      keep.insert(keep.end(), bins[b].items.begin(), bins[b].items.end());
+    }
+  }
+  items_ = std::move(keep);
+  return out;
+}
+
+// ===================================================================================== ThreadPool
+ThreadPool::ThreadPool(int n_threads) {
+  for (int i = 1; i < n_threads; ++i) workers_.emplace_back(&ThreadPool::worker, this);
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::worker() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (true) {
+    cv_.wait(lock, [&] { return stop_ || (fn_ != nullptr && next_ < n_); });
+    if (stop_) return;
+    while (fn_ != nullptr && next_ < n_) {
+      const int64_t i = next_++;
+      const auto* fn = fn_;
+      lock.unlock();
+      try {
+        (*fn)(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> g(mu_);
+        if (!error_) error_ = std::current_exception();
+      }
+      lock.lock();
+      if (++finished_ == n_) done_cv_.notify_all();
+    }
+  }
+}
+
+void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t)>& fn) {
+  if (workers_.empty() || n <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::unique_lock<std::mutex> lock(mu_);
+  fn_ = &fn;
+  n_ = n;
+  next_ = 0;
+  finished_ = 0;
+  error_ = nullptr;
+  cv_.notify_all();
+  while (next_ < n_) {  // the caller works too
+    const int64_t i = next_++;
+    lock.unlock();
+    try {
+      fn(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> g(mu_);
+      if (!error_) error_ = std::current_exception();
+    }
+    lock.lock();
+    ++finished_;
+  }
+  done_cv_.wait(lock, [&] { return finished_ == n_; });
+  fn_ = nullptr;
+  std::exception_ptr err = error_;
+  error_ = nullptr;
+  lock.unlock();
+  if (err) std::rethrow_exception(err);
+}
+
+// ===================================================================================== ShardBuilder
+namespace {
+
+void check_ids(const ShardBuilderConfig& c) {
+  if (c.seq_length < 4) throw std::invalid_argument("seq_length must be >= 4, got " + std::to_string(c.seq_length));
+  if (c.threads < 1) throw std::invalid_argument("threads must be >= 1, got " + std::to_string(c.threads));
+  for (int32_t id : {c.bos_id, c.eos_id, c.pad_id, c.vision_id, c.vpatch_id, c.row_sep_id, c.vision_end_id}) {
+    if (id < 0) throw std::invalid_argument("token ids must be >= 0 (got " + std::to_string(id) + ")");
+  }
+}
+
+constexpr int64_t kPatchRowsPerTask = 8;  // patchify work unit: 8 patch rows of one image
+
+}  // namespace
+
+ShardBuilder::ShardBuilder(ShardBuilderConfig config)
+    : cfg_(std::move(config)), planner_(cfg_.seq_length, cfg_.buffer_docs) {
+  check_ids(cfg_);
+  if (cfg_.first_special_id < 0) {
+    cfg_.first_special_id = std::min({cfg_.vision_id, cfg_.vpatch_id, cfg_.row_sep_id, cfg_.vision_end_id});
+  }
+  if (cfg_.out_prefix.empty()) throw std::invalid_argument("out_prefix must not be empty");
+  if (cfg_.threads > 1) pool_ = std::make_unique<ThreadPool>(cfg_.threads);
+  tokens_w_ = std::make_unique<MMIdxWriter>(cfg_.out_prefix + ".tokens", MMIdxDType::kInt32);
+  patches_w_ = std::make_unique<MMIdxWriter>(cfg_.out_prefix + ".patches", MMIdxDType::kUInt8);
+  docs_w_ = std::make_unique<MMIdxWriter>(cfg_.out_prefix + ".docs", MMIdxDType::kInt32);
+  sidecar_path_ = cfg_.out_prefix + ".json";
+  writer_ = std::thread(&ShardBuilder::writer_loop, this);
+}
+
+ShardBuilder::~ShardBuilder() {
+  if (!finished_) abort();
+}
+
+void ShardBuilder::check_writer_error() {
+  std::lock_guard<std::mutex> lock(q_mu_);
+  if (writer_error_) std::rethrow_exception(writer_error_);
+}
+
+void ShardBuilder::add_document(const std::string& record_id, const std::vector<DocItem>& items) {
+  std::lock_guard<std::mutex> api_lock(api_mu_);
+  if (finished_ || aborted_) throw std::logic_error("ShardBuilder: add_document after finish()/abort()");
+  check_writer_error();
+  const int64_t S = cfg_.seq_length;
+
+  // 1. Sizes (and shape checks) before any heavy work.
+  int64_t total = 2, image_tokens = 0, n_patches = 0, n_images = 0;
+  for (size_t k = 0; k < items.size(); ++k) {
+    const DocItem& it = items[k];
+    if (it.is_image()) {
+      try {
+        check_image_shape(it.height, it.width);
+      } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument("record " + record_id + ", item " + std::to_string(k) + ": " + e.what());
+      }
+      const int64_t n_h = it.height / kPatchSize, n_w = it.width / kPatchSize;
+      image_tokens += image_token_count(n_h, n_w);
+      n_patches += n_h * n_w;
+      ++n_images;
+    } else {
+      total += it.n_tokens;
+    }
+  }
+  total += image_tokens;
+  stats_.input_documents++;
+  if (image_tokens + 2 > S) {
+    stats_.rejected.emplace_back(record_id, "images_exceed_pack");
+    return;
+  }
+  if (total > S && cfg_.drop_long_text) {
+    stats_.rejected.emplace_back(record_id, "long_text_dropped");
+    return;
+  }
+
+  // 2. Lay out tokens; patchify images (in parallel strips of patch rows).
+  auto doc = std::make_unique<Doc>();
+  doc->tokens.resize(static_cast<size_t>(total));
+  doc->patches.resize(static_cast<size_t>(n_patches * kPatchDim));
+  doc->n_images = n_images;
+  doc->n_patches = n_patches;
+  doc->n_vision_tokens = image_tokens;
+  struct Strip {
+    const uint8_t* src;
+    int64_t rows, width;
+    uint8_t* dst;
+  };
+  struct Segment {
+    int64_t length, patches;
+    bool image;
+  };
+  std::vector<Strip> strips;
+  std::vector<Segment> segments;
+  segments.reserve(items.size() + 2);
+  int32_t* tok = doc->tokens.data();
+  int64_t pos = 0, patch_pos = 0;
+  tok[pos++] = cfg_.bos_id;
+  segments.push_back({1, 0, false});
+  for (const DocItem& it : items) {
+    if (it.is_image()) {
+      const int64_t n_h = it.height / kPatchSize, n_w = it.width / kPatchSize;
+      const int64_t n_tok = image_token_count(n_h, n_w);
+      image_layout(n_h, n_w, cfg_.vision_id, cfg_.vpatch_id, cfg_.row_sep_id, cfg_.vision_end_id, tok + pos, nullptr);
+      for (int64_t r0 = 0; r0 < n_h; r0 += kPatchRowsPerTask) {
+        const int64_t rows = std::min(kPatchRowsPerTask, n_h - r0);
+        strips.push_back({it.pixels + r0 * kPatchSize * it.width * kChannels, rows, it.width,
+                          doc->patches.data() + (patch_pos + r0 * n_w) * kPatchDim});
+      }
+      segments.push_back({n_tok, n_h * n_w, true});
+      pos += n_tok;
+      patch_pos += n_h * n_w;
+    } else if (it.n_tokens > 0) {
+      std::memcpy(tok + pos, it.tokens, static_cast<size_t>(it.n_tokens) * sizeof(int32_t));
+      segments.push_back({it.n_tokens, 0, false});
+      pos += it.n_tokens;
+    }
+  }
+  tok[pos++] = cfg_.eos_id;
+  segments.push_back({1, 0, false});
+  auto run_strip = [&](int64_t i) {
+    const Strip& s = strips[static_cast<size_t>(i)];
+    patchify(s.src, s.rows * kPatchSize, s.width, s.dst);
+  };
+  if (pool_) {
+    pool_->parallel_for(static_cast<int64_t>(strips.size()), run_strip);
+  } else {
+    for (size_t i = 0; i < strips.size(); ++i) run_strip(static_cast<int64_t>(i));
+  }
+
+  if (total <= S) {
+    add_doc_to_planner(std::move(doc));
+    return;
+  }
+
+  // 3. Longer than a pack (its images fit): cut into chunks of at most S tokens, never inside an image. Pure text
+  //    gives chunks of exactly S (the last one shorter); each chunk is its own document.
+  stats_.text_docs_split++;
+  struct Cut {
+    int64_t tokens, patches, images, vision_tokens;
+  };
+  std::vector<Cut> chunks;
+  Cut cur{0, 0, 0, 0};
+  for (const Segment& seg : segments) {
+    if (seg.image) {
+      if (cur.tokens + seg.length > S) {
+        chunks.push_back(cur);
+        cur = {0, 0, 0, 0};
+      }
+      cur.tokens += seg.length;
+      cur.patches += seg.patches;
+      cur.images += 1;
+      cur.vision_tokens += seg.length;
+    } else {
+      int64_t left = seg.length;
+      while (left > 0) {
+        if (cur.tokens == S) {
+          chunks.push_back(cur);
+          cur = {0, 0, 0, 0};
+        }
+        const int64_t take = std::min(left, S - cur.tokens);
+        cur.tokens += take;
+        left -= take;
+      }
+    }
+  }
+  if (cur.tokens > 0) chunks.push_back(cur);
+  int64_t t0 = 0, p0 = 0;
+  for (const Cut& c : chunks) {
+    auto part = std::make_unique<Doc>();
+    part->tokens.assign(doc->tokens.begin() + t0, doc->tokens.begin() + t0 + c.tokens);
+    part->patches.assign(doc->patches.begin() + p0 * kPatchDim, doc->patches.begin() + (p0 + c.patches) * kPatchDim);
+    part->n_images = c.images;
+    part->n_patches = c.patches;
+    part->n_vision_tokens = c.vision_tokens;
+    t0 += c.tokens;
+    p0 += c.patches;
+    add_doc_to_planner(std::move(part));
+  }
+}
+
+void ShardBuilder::add_doc_to_planner(std::unique_ptr<Doc> doc) {
+  const int64_t id = next_id_++;
+  const int64_t length = static_cast<int64_t>(doc->tokens.size());
+  buffered_bytes_ += static_cast<int64_t>(doc->tokens.size() * sizeof(int32_t) + doc->patches.size());
+  buffered_.emplace(id, std::move(doc));
+  emit(planner_.push(id, length));
+  if (buffered_bytes_ > cfg_.buffer_bytes) emit(planner_.shrink());
+}
+
+void ShardBuilder::emit(std::vector<BestFitPlanner::Bin> bins) {
+  for (auto& bin : bins) {
+    PackJob job;
+    int64_t real = 0;
+    for (int64_t id : bin) {
+      auto node = buffered_.find(id);
+      std::unique_ptr<Doc> d = std::move(node->second);
+      buffered_.erase(node);
+      buffered_bytes_ -= static_cast<int64_t>(d->tokens.size() * sizeof(int32_t) + d->patches.size());
+      real += static_cast<int64_t>(d->tokens.size());
+      stats_.documents++;
+      stats_.images += d->n_images;
+      stats_.patches += d->n_patches;
+      stats_.tokens_vision += d->n_vision_tokens;
+      stats_.tokens_text += static_cast<int64_t>(d->tokens.size()) - d->n_vision_tokens;
+      job.docs.push_back(std::move(d));
+    }
+    if (real > cfg_.seq_length) throw std::logic_error("ShardBuilder: internal error, over-long pack");
+    stats_.packs++;
+    stats_.tokens_total += real;
+    stats_.pad_tokens += cfg_.seq_length - real;
+    stats_.slots += cfg_.seq_length;
+    std::unique_lock<std::mutex> lock(q_mu_);
+    q_space_cv_.wait(lock, [&] { return queue_.size() < kMaxQueuedPacks || writer_error_; });
+    if (writer_error_) std::rethrow_exception(writer_error_);
+    queue_.push_back(std::move(job));
+    q_cv_.notify_one();
+  }
+}
+
+void ShardBuilder::writer_loop() {
+  while (true) {
+    PackJob job;
+    {
+      std::unique_lock<std::mutex> lock(q_mu_);
+      q_cv_.wait(lock, [&] { return q_closed_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // closed and drained
+      job = std::move(queue_.front());
+      queue_.pop_front();
+      q_space_cv_.notify_one();
+      if (writer_error_) continue;  // keep draining so the producer never blocks
+    }
+    try {
+      write_pack(job);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(q_mu_);
+      writer_error_ = std::current_exception();
+      q_space_cv_.notify_all();
+    }
+  }
+}
+
+void ShardBuilder::write_pack(const PackJob& job) {
+  const int64_t S = cfg_.seq_length;
+  std::vector<int32_t> cu{0};
+  cu.reserve(job.docs.size() + 1);
+  tokens_w_->begin_sequence();
+  patches_w_->begin_sequence();
+  for (const auto& d : job.docs) {
+    tokens_w_->append(d->tokens.data(), static_cast<int64_t>(d->tokens.size()));
+    patches_w_->append(d->patches.data(), static_cast<int64_t>(d->patches.size()));
+    cu.push_back(cu.back() + static_cast<int32_t>(d->tokens.size()));
+  }
+  if (cu.back() < S) {
+    const std::vector<int32_t> pad(static_cast<size_t>(S - cu.back()), cfg_.pad_id);
+    tokens_w_->append(pad.data(), static_cast<int64_t>(pad.size()));
+  }
+  tokens_w_->end_sequence();
+  patches_w_->end_sequence();
+  docs_w_->begin_sequence();
+  docs_w_->append(cu.data(), static_cast<int64_t>(cu.size()));
+  docs_w_->end_sequence();
+}
+
+void ShardBuilder::stop_writer(bool discard) noexcept {
+  {
+    std::lock_guard<std::mutex> lock(q_mu_);
+    q_closed_ = true;
+    if (discard) queue_.clear();
+  }
+  q_cv_.notify_all();
+  if (writer_.joinable()) writer_.join();
+}
+
+std::string ShardBuilder::sidecar_json(const ShardStats& s) const {
+  std::ostringstream o;
+  o << "{\n"
+    << "  \"format\": \"solo-shard\",\n"
+    << "  \"format_version\": 1,\n"
+    << "  \"seq_length\": " << cfg_.seq_length << ",\n"
+    << "  \"patch_dim\": " << kPatchDim << ",\n"
+    << "  \"token_ids\": {\"bos\": " << cfg_.bos_id << ", \"eos\": " << cfg_.eos_id << ", \"pad\": " << cfg_.pad_id
+    << ", \"vision\": " << cfg_.vision_id << ", \"vpatch\": " << cfg_.vpatch_id << ", \"row_sep\": " << cfg_.row_sep_id
+    << ", \"vision_end\": " << cfg_.vision_end_id << ", \"first_special\": " << cfg_.first_special_id << "},\n"
+    << "  \"packs\": " << s.packs << ",\n"
+    << "  \"documents\": " << s.documents << ",\n"
+    << "  \"input_documents\": " << s.input_documents << ",\n"
+    << "  \"images\": " << s.images << ",\n"
+    << "  \"patches\": " << s.patches << ",\n"
+    << "  \"tokens_total\": " << s.tokens_total << ",\n"
+    << "  \"tokens_text\": " << s.tokens_text << ",\n"
+    << "  \"tokens_vision\": " << s.tokens_vision << ",\n"
+    << "  \"pad_tokens\": " << s.pad_tokens << ",\n"
+    << "  \"slots\": " << s.slots << ",\n"
+    << "  \"text_docs_split\": " << s.text_docs_split << ",\n"
+    << "  \"rejected\": " << s.rejected.size() << "\n"
+    << "}\n";
+  return o.str();
+}
+
+ShardStats ShardBuilder::finish() {
+  std::lock_guard<std::mutex> api_lock(api_mu_);
+  if (finished_ || aborted_) throw std::logic_error("ShardBuilder: finish() called twice or after abort()");
+  emit(planner_.flush());
+  stop_writer(false);
+  check_writer_error();
+  tokens_w_->finish();
+  patches_w_->finish();
+  docs_w_->finish();
+
+  const std::string tmp = temp_path_for(sidecar_path_);
+  {
+    FILE* f = std::fopen(tmp.c_str(), "wb");
+    if (f == nullptr) throw std::runtime_error("cannot create " + tmp + ": " + std::strerror(errno));
+    const std::string json = sidecar_json(stats_);
+    const bool ok = std::fwrite(json.data(), 1, json.size(), f) == json.size() && std::fflush(f) == 0 &&
+                    ::fsync(::fileno(f)) == 0;
+    std::fclose(f);
+    if (!ok) throw std::runtime_error("cannot write " + tmp + ": " + std::strerror(errno));
+  }
+  // Data files first, the sidecar last: a shard is complete iff {prefix}.json exists.
+  tokens_w_->commit();
+  patches_w_->commit();
+  docs_w_->commit();
+  if (std::rename(tmp.c_str(), sidecar_path_.c_str()) != 0) {
+    throw std::runtime_error("cannot rename " + tmp + ": " + std::strerror(errno));
+  }
+  fsync_parent_dir(sidecar_path_);
+  finished_ = true;
+  return stats_;
+}
+
+void ShardBuilder::abort() noexcept {
+  std::lock_guard<std::mutex> api_lock(api_mu_);
+  if (finished_ || aborted_) return;
+  aborted_ = true;
+  stop_writer(true);
+  if (tokens_w_) tokens_w_->abort();
+  if (patches_w_) patches_w_->abort();
+  if (docs_w_) docs_w_->abort();
+  std::remove(temp_path_for(sidecar_path_).c_str());
+  buffered_.clear();
+  buffered_bytes_ = 0;
+}
+
+ShardStats ShardBuilder::stats_snapshot() {
+  std::lock_guard<std::mutex> api_lock(api_mu_);
+  return stats_;
+}
+
+int64_t ShardBuilder::pending_documents() {
+  std::lock_guard<std::mutex> api_lock(api_mu_);
+  return planner_.pending();
+}
+
+}  // namespace solo
+
+// ===================================================================================== Python bindings
+namespace {
+
+std::string shape_str(const py::array& a) {
+  std::string s = "(";
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) s += (d ? ", " : "") + std::to_string(a.shape(d));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+py::dict stats_to_dict(const solo::ShardStats& s) {
+  py::dict d;
+  d["packs"] = s.packs;
+  d["documents"] = s.documents;
+  d["input_documents"] = s.input_documents;
+  d["images"] = s.images;
+  d["patches"] = s.patches;
+  d["tokens_total"] = s.tokens_total;
+  d["tokens_text"] = s.tokens_text;
+  d["tokens_vision"] = s.tokens_vision;
+  d["pad_tokens"] = s.pad_tokens;
+  d["slots"] = s.slots;
+  d["fill"] = s.slots > 0 ? static_cast<double>(s.tokens_total) / static_cast<double>(s.slots) : 0.0;
+  d["text_docs_split"] = s.text_docs_split;
+  py::list rejected;
+  for (const auto& r : s.rejected) rejected.append(py::make_tuple(r.first, r.second));
+  d["rejected"] = rejected;
+  return d;
+}
+
+bool parse_long_text(const std::string& mode) {
+  if (mode == "split") return false;
+  if (mode == "drop") return true;
+  throw std::invalid_argument("long_text must be \"split\" or \"drop\", got \"" + mode + "\"");
+}
+
+void py_add_document(solo::ShardBuilder& b, const std::string& record_id, const py::list& items) {
+  // Under the GIL: validate and pin the arrays (contiguous views; int64 token arrays are converted).
+  std::vector<py::array> keep;
+  std::vector<std::vector<int32_t>> converted;
+  std::vector<solo::DocItem> doc_items;
+  keep.reserve(items.size());
+  converted.reserve(items.size());
+  doc_items.reserve(items.size());
+  for (size_t k = 0; k < items.size(); ++k) {
+    py::handle h = items[k];
+    if (!py::isinstance<py::array>(h)) {
+      throw py::type_error("record " + record_id + ", item " + std::to_string(k) +
+                           ": expected a numpy array (int32 token ids or uint8 [H, W, 3] image), got " +
+                           py::str(py::type::of(h)).cast<std::string>());
+    }
+    auto a = py::reinterpret_borrow<py::array>(h);
+    const char kind = a.dtype().kind();
+    solo::DocItem item;
+    if (a.ndim() == 1 && (kind == 'i' || kind == 'u')) {
+      if (a.dtype().is(py::dtype::of<int32_t>())) {
+        auto c = py::array_t<int32_t, py::array::c_style>::ensure(a);
+        item.tokens = c.data();
+        item.n_tokens = c.shape(0);
+        keep.push_back(std::move(c));
+      } else {
+        auto c = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+        std::vector<int32_t> v(static_cast<size_t>(c.shape(0)));
+        const int64_t* src = c.data();
+        for (size_t i = 0; i < v.size(); ++i) {
+          if (src[i] < 0 || src[i] > std::numeric_limits<int32_t>::max()) {
+            throw std::invalid_argument("record " + record_id + ", item " + std::to_string(k) + ": token id " +
+                                        std::to_string(src[i]) + " out of int32 range");
+          }
+          v[i] = static_cast<int32_t>(src[i]);
+        }
+        converted.push_back(std::move(v));
+        item.tokens = converted.back().data();
+        item.n_tokens = static_cast<int64_t>(converted.back().size());
+      }
+    } else if (a.ndim() == 3 && a.dtype().is(py::dtype::of<uint8_t>()) && a.shape(2) == 3) {
+      auto c = py::array_t<uint8_t, py::array::c_style>::ensure(a);
+      item.pixels = c.data();
+      item.height = c.shape(0);
+      item.width = c.shape(1);
+      keep.push_back(std::move(c));
+    } else {
+      throw py::type_error("record " + record_id + ", item " + std::to_string(k) +
+                           ": expected 1-D int32 token ids or a uint8 [H, W, 3] image, got dtype " +
+                           py::str(a.dtype()).cast<std::string>() + " shape " + shape_str(a));
+    }
+    doc_items.push_back(item);
+  }
+  py::gil_scoped_release nogil;
+  b.add_document(record_id, doc_items);
+}
+
+py::dict py_plan_packs(const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& lengths,
+                       int64_t seq_length, int64_t buffer_docs, const std::string& long_text, int64_t slack) {
+  const bool drop = parse_long_text(long_text);
+  if (lengths.ndim() != 1) throw std::invalid_argument("plan_packs: lengths must be 1-D");
+  const int64_t n = lengths.shape(0);
+  const int64_t* len = lengths.data();
+  std::vector<int64_t> piece_doc, piece_len, pack_offsets{0}, dropped;
+  int64_t split = 0;
+  {
+    py::gil_scoped_release nogil;
+    solo::BestFitPlanner planner(seq_length, buffer_docs, slack);
+    auto take = [&](std::vector<solo::BestFitPlanner::Bin> bins) {
+      for (const auto& bin : bins) {
+        piece_doc.insert(piece_doc.end(), bin.begin(), bin.end());  // piece ids, mapped to docs below
+        pack_offsets.push_back(static_cast<int64_t>(piece_doc.size()));
+      }
+    };
+    std::vector<std::pair<int64_t, int64_t>> pieces;  // piece id -> (doc, length)
+    for (int64_t i = 0; i < n; ++i) {
+      if (len[i] < 1) throw std::invalid_argument("plan_packs: lengths must be >= 1");
+      if (len[i] > seq_length && drop) {
+        dropped.push_back(i);
+        continue;
+      }
+      if (len[i] > seq_length) ++split;
+      for (int64_t left = len[i]; left > 0; left -= seq_length) {
+        const int64_t l = std::min(left, seq_length);
+        pieces.emplace_back(i, l);
+        take(planner.push(static_cast<int64_t>(pieces.size()) - 1, l));
+      }
+    }
+    take(planner.flush());
+    for (auto& id : piece_doc) {
+      const auto& p = pieces[static_cast<size_t>(id)];
+      piece_len.push_back(p.second);
+      id = p.first;
+    }
+  }
+  auto to_np = [](const std::vector<int64_t>& v) {
+    py::array_t<int64_t> a(static_cast<py::ssize_t>(v.size()));
+    if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(int64_t));
+    return a;
+  };
+  py::dict d;
+  d["pack_offsets"] = to_np(pack_offsets);
+  d["piece_doc"] = to_np(piece_doc);
+  d["piece_length"] = to_np(piece_len);
+  d["dropped"] = to_np(dropped);
+  d["split"] = split;
+  return d;
+}
+
+}  // namespace
+
+void register_packer(py::module_& m) {
+  py::class_<solo::ShardBuilder>(m, "ShardBuilder",
+                                 "Packs documents into seq_length packs and writes one shard: {prefix}.tokens/.patches/"
+                                 ".docs (.bin/.idx, MMIDIDX) + {prefix}.json. See docs/shard_format.md.")
+      .def(py::init([](const std::string& out_prefix, int64_t seq_length, int32_t bos_id, int32_t eos_id,
+                       int32_t pad_id, int32_t vision_id, int32_t vpatch_id, int32_t row_sep_id,
+                       int32_t vision_end_id, int64_t buffer_docs, const std::string& long_text, int threads,
+                       int32_t first_special_id, int64_t buffer_bytes) {
+             solo::ShardBuilderConfig c;
+             c.out_prefix = out_prefix;
+             c.seq_length = seq_length;
+             c.bos_id = bos_id;
+             c.eos_id = eos_id;
+             c.pad_id = pad_id;
+             c.vision_id = vision_id;
+             c.vpatch_id = vpatch_id;
+             c.row_sep_id = row_sep_id;
+             c.vision_end_id = vision_end_id;
+             c.buffer_docs = buffer_docs;
+             c.drop_long_text = parse_long_text(long_text);
+             c.threads = threads;
+             c.first_special_id = first_special_id;
+             c.buffer_bytes = buffer_bytes;
+             return std::make_unique<solo::ShardBuilder>(std::move(c));
+           }),
+           py::arg("out_prefix"), py::arg("seq_length"), py::arg("bos_id"), py::arg("eos_id"), py::arg("pad_id"),
+           py::arg("vision_id"), py::arg("vpatch_id"), py::arg("row_sep_id"), py::arg("vision_end_id"),
+           py::arg("buffer_docs") = 4096, py::arg("long_text") = "split", py::arg("threads") = 1,
+           py::arg("first_special_id") = -1, py::arg("buffer_bytes") = int64_t{1} << 30)
+      .def("add_document", &py_add_document, py::arg("record_id"), py::arg("items"),
+           "items in order: 1-D int32 token ids (text) or uint8 [H, W, 3] images (H, W multiples of 32). The document "
+           "is [BOS] + items + [EOS]. Releases the GIL.")
+      .def(
+          "finish",
+          [](solo::ShardBuilder& b) {
+            solo::ShardStats s;
+            {
+              py::gil_scoped_release nogil;
+              s = b.finish();
+            }
+            return stats_to_dict(s);
+          },
+          "Flush, write under temp names, fsync, rename into place ({prefix}.json last). Returns the counts.")
+      .def(
+          "abort", [](solo::ShardBuilder& b) { b.abort(); }, "Drop everything and remove the temp files.")
+      .def(
+          "stats",
+          [](solo::ShardBuilder& b) {
+            solo::ShardStats s;
+            {
+              py::gil_scoped_release nogil;
+              s = b.stats_snapshot();
+            }
+            return stats_to_dict(s);
+          },
+          "Running counts (packs emitted so far; documents still buffered are not counted yet).")
+      .def_property_readonly("pending_documents",
+                             [](solo::ShardBuilder& b) {
+                               py::gil_scoped_release nogil;
+                               return b.pending_documents();
+                             })
+      .def("__enter__", [](solo::ShardBuilder& b) -> solo::ShardBuilder& { return b; },
+           py::return_value_policy::reference)
+      .def("__exit__", [](solo::ShardBuilder& b, const py::object&, const py::object&, const py::object&) {
+        b.abort();  // no-op after finish(); a with-block left without finish() leaves no shard
+        return false;
+      });
+
+  m.def("plan_packs", &py_plan_packs, py::arg("lengths"), py::arg("seq_length"), py::arg("buffer_docs") = 4096,
+        py::arg("long_text") = "split", py::arg("slack") = -1,
+        "Lengths-only entry into the ShardBuilder's packing routine (same BestFitPlanner). Longer-than-pack items "
+        "are split into seq_length pieces (or dropped). Returns dict(pack_offsets int64[P+1], piece_doc int64[N], "
+        "piece_length int64[N], dropped int64[], split int): pack p holds pieces pack_offsets[p]:pack_offsets[p+1].");
+}
