@@ -24,7 +24,9 @@ def gather_tp(tensor: torch.Tensor, param: torch.nn.Parameter, glu: bool = False
     return torch.cat(parts, dim=param.partition_dim)
 
 
-def full_state(module: torch.nn.Module, grads: bool = False, gated_linear_unit: bool = False) -> dict[str, torch.Tensor]:
+def full_state(
+    module: torch.nn.Module, grads: bool = False, gated_linear_unit: bool = False
+) -> dict[str, torch.Tensor]:
     """name -> full (TP-gathered) parameter, or its full gradient when ``grads``."""
     out = {}
     for name, p in module.named_parameters():
