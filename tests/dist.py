@@ -74,11 +74,13 @@ def launch(
         returncode, output = -9, (out.decode(errors="replace") if isinstance(out, bytes) else out)
         output += f"\n[tests.dist] launch timed out after {timeout}s"
     result = LaunchResult(script, nproc, returncode, output)
-    for line in output.splitlines():
-        idx = line.find(MARKER)
-        if idx < 0:
+    # Split on the marker, not on lines: another rank's output may land mid-line before or after a record.
+    decoder = json.JSONDecoder()
+    for chunk in output.split(MARKER)[1:]:
+        try:
+            rec, _ = decoder.raw_decode(chunk)
+        except json.JSONDecodeError:
             continue
-        rec = json.loads(line[idx + len(MARKER) :])
-        if "name" in rec:
+        if isinstance(rec, dict) and "name" in rec:
             result.results[(rec["name"], rec["rank"])] = rec
     return result

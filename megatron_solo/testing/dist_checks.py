@@ -20,6 +20,12 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _emit(record: dict) -> None:
+    """One write per record: ranks share the launcher's stdout, so a line split over writes could interleave."""
+    sys.stdout.write(MARKER + json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
 class DistChecks:
     """An ordered registry of check functions (plain asserts), run on every rank by :meth:`main`."""
 
@@ -37,17 +43,17 @@ class DistChecks:
     def main(self) -> None:
         only = os.environ.get("SOLO_ONLY_CHECKS")
         selected = [fn for fn in self._checks if not only or fn.__name__ in only.split(",")]
-        print(MARKER + json.dumps({"planned": [fn.__name__ for fn in selected], "rank": _rank()}), flush=True)
+        _emit({"planned": [fn.__name__ for fn in selected], "rank": _rank()})
         for fn in selected:
             try:
                 fn()
             except BaseException as exc:  # noqa: BLE001 - report everything, then stop this rank
                 tb = "".join(traceback.format_exception(exc))[-4000:]
-                print(MARKER + json.dumps({"name": fn.__name__, "rank": _rank(), "ok": False, "error": tb}), flush=True)
+                _emit({"name": fn.__name__, "rank": _rank(), "ok": False, "error": tb})
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(1)
-            print(MARKER + json.dumps({"name": fn.__name__, "rank": _rank(), "ok": True}), flush=True)
+            _emit({"name": fn.__name__, "rank": _rank(), "ok": True})
         try:
             import torch.distributed as dist
 
