@@ -1,0 +1,153 @@
+"""The SOLO checkpoint directory as the converters read and write it (model weights only).
+
+Layout (docs/architecture.md, "Checkpoints")::
+
+    <dir>/latest_checkpointed_iteration.txt     "0" for an import (Megatron-LM's tracker file)
+    <dir>/tokenizer.model                       the SOLO-extended SentencePiece model
+    <dir>/iter_0000000/                         dist_checkpointing (torch_dist) of {"model": model.sharded_state_dict()}
+    <dir>/iter_0000000/solo_config.json         architecture (model/config.py ``config_to_dict``) + TP, padded
+                                                vocab and dtype of the saved weights (information only)
+    <dir>/iter_0000000/tokenizer.model          copy (an iteration dir is self-describing)
+
+An import has no optimizer / trainer state: the trainer starts from it with a fresh optimizer (``--finetune``
+style). A trainer checkpoint (megatron_solo/training/checkpointing.py) has the same model keys plus optimizer,
+scheduler and trainer state; every reader here asks only for the model's keys, so those are never read.
+Reading accepts the checkpoint root or one ``iter_*`` dir, and finds ``solo_config.json`` / ``tokenizer.model``
+in the iteration dir or the root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CONFIG_NAME = "solo_config.json"
+TOKENIZER_NAME = "tokenizer.model"
+
+# Written next to the architecture (model/config.py ``config_to_dict``) for information; not read back as config.
+RUN_FIELDS = ("tensor_model_parallel_size", "padded_vocab_size", "params_dtype")
+
+
+def iter_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def config_to_json(config) -> dict:
+    """solo_config.json: the architecture (``megatron_solo.model.config.config_to_dict``, the one serialisation of
+    SoloConfig) + the TP size, padded vocab and dtype the weights were saved with."""
+    from megatron_solo.model.config import config_to_dict
+
+    out = config_to_dict(config)
+    out["tensor_model_parallel_size"] = config.tensor_model_parallel_size
+    out["padded_vocab_size"] = config.padded_vocab_size
+    out["params_dtype"] = str(config.params_dtype).removeprefix("torch.")
+    return out
+
+
+def architecture_of(data: dict) -> dict:
+    """solo_config.json -> the architecture dict ``config_from_dict`` takes (run fields dropped)."""
+    from megatron_solo.model.config import ARCHITECTURE_FIELDS
+
+    return {k: v for k, v in data.items() if k in ARCHITECTURE_FIELDS or k == "activation"}
+
+
+def save_solo_checkpoint(
+    model, config, out_dir: str | os.PathLike, iteration: int = 0, tokenizer_model=None, extra: dict | None = None
+) -> Path:
+    """Collective: ``dist_checkpointing.save`` of ``{"model": model.sharded_state_dict(), **extra}`` + config,
+    tokenizer and tracker files (rank 0).
+
+    Atomic like the trainer's save: written into ``iter_XXXXXXX.tmp``, renamed when complete, tracker replaced last;
+    an interrupted save leaves the previous checkpoint and tracker as they were.
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    out_dir = Path(out_dir)
+    it_dir = out_dir / iter_dir_name(iteration)
+    tmp_dir = it_dir.with_name(it_dir.name + ".tmp")
+    if dist.get_rank() == 0:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir)
+        tmp_dir.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save({"model": model.sharded_state_dict(), **(extra or {})}, str(tmp_dir))
+    if dist.get_rank() == 0:
+        (tmp_dir / CONFIG_NAME).write_text(json.dumps(config_to_json(config), indent=2) + "\n")
+        if tokenizer_model is not None:
+            shutil.copyfile(tokenizer_model, tmp_dir / TOKENIZER_NAME)
+            root_tok = out_dir / TOKENIZER_NAME
+            if Path(tokenizer_model).resolve() != root_tok.resolve():
+                shutil.copyfile(tokenizer_model, root_tok.with_name(TOKENIZER_NAME + ".tmp"))
+                os.replace(root_tok.with_name(TOKENIZER_NAME + ".tmp"), root_tok)
+        if it_dir.exists():
+            shutil.rmtree(it_dir)
+        os.replace(tmp_dir, it_dir)
+        tracker_tmp = out_dir / (TRACKER + ".tmp")
+        tracker_tmp.write_text(f"{iteration}\n")
+        os.replace(tracker_tmp, out_dir / TRACKER)
+    dist.barrier()
+    return it_dir
+
+
+def resolve_iteration_dir(ckpt: str | os.PathLike) -> Path:
+    """A checkpoint root (with the tracker file) or an ``iter_*`` / ``release`` dir -> the iteration dir."""
+    ckpt = Path(ckpt)
+    if (ckpt / "metadata.json").exists():  # already a dist_checkpointing dir
+        return ckpt
+    tracker = ckpt / TRACKER
+    if not tracker.exists():
+        raise FileNotFoundError(f"{ckpt}: neither a SOLO checkpoint root ({TRACKER}) nor an iteration dir")
+    value = tracker.read_text().strip()
+    it_dir = ckpt / ("release" if value == "release" else iter_dir_name(int(value)))
+    if not it_dir.is_dir():
+        raise FileNotFoundError(f"{tracker} names iteration {value!r} but {it_dir} does not exist")
+    return it_dir
+
+
+def find_file(it_dir: Path, name: str) -> Path:
+    for candidate in (it_dir / name, it_dir.parent / name):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"{it_dir}: no {name} in the iteration dir nor next to it")
+
+
+def load_solo_config(it_dir: Path, tensor_model_parallel_size: int = 1, **overrides):
+    """(SoloConfig, raw json) of a checkpoint: architecture from solo_config.json; runtime fields as given / the
+    device defaults (bf16 on GPU, fp32 on CPU)."""
+    from megatron_solo.model.config import config_from_dict
+
+    path = find_file(it_dir, CONFIG_NAME)
+    data = json.loads(path.read_text())
+    try:
+        config = config_from_dict(
+            architecture_of(data), tensor_model_parallel_size=tensor_model_parallel_size, **overrides
+        )
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a valid SOLO model config ({e})") from e
+    return config, data
+
+
+def load_model_weights(model, it_dir: Path) -> None:
+    """Collective: load the weights of ``model`` (any TP) from a checkpoint saved at any TP/DP.
+
+    Only the model's own keys are requested, so a trainer checkpoint's optimizer / scheduler / trainer state is
+    never read. ``RAISE_UNEXPECTED``: a model key absent from the checkpoint is an error naming it (a wrong
+    architecture), keys of the checkpoint the model does not ask for are fine.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    state = dist_checkpointing.load(
+        {"model": model.sharded_state_dict()}, str(it_dir), strict=StrictHandling.RAISE_UNEXPECTED
+    )
+    model.load_state_dict(state["model"], strict=True)
+
+
+def params_dtype_of(data: dict) -> torch.dtype:
+    return getattr(torch, data.get("params_dtype", "float32"))
