@@ -1,0 +1,1 @@
+"""Command-line tools of megatron-solo (``python -m tools.preprocess``)."""

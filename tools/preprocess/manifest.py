@@ -1,0 +1,120 @@
+"""Shard-set manifest and build-progress files: checksums, atomic JSON writes, count aggregation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from megatron_solo.data.shards import MANIFEST_NAME, shard_files
+
+MANIFEST_FORMAT = "solo-shard-set"
+MANIFEST_VERSION = 1
+PROGRESS_NAME = "progress.json"
+SAMPLE_IDS = 20  # offending record ids kept per skip reason
+EXAMPLES = 3  # (record id, error message) kept per skip reason
+
+COUNT_KEYS = (
+    "packs",
+    "documents",
+    "images",
+    "patches",
+    "tokens_total",
+    "tokens_text",
+    "tokens_vision",
+    "pad_tokens",
+    "slots",
+    "text_docs_split",
+)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        if hasattr(hashlib, "file_digest"):  # Python >= 3.11: reads into one reused buffer
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256()
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+        return h.hexdigest()
+
+
+def shard_checksums(out_dir: Path, name: str) -> dict[str, str]:
+    """sha256 of each of the shard's seven files, keyed by file name (relative to the shard-set directory)."""
+    return {Path(f).name: sha256_file(f) for f in shard_files(out_dir / name)}
+
+
+def verify_checksums(out_dir: Path, files: dict[str, str]) -> list[str]:
+    """Problems (empty list = all files present with the recorded sha256)."""
+    problems = []
+    for fname, want in files.items():
+        p = out_dir / fname
+        if not p.exists():
+            problems.append(f"{p}: missing")
+        elif sha256_file(p) != want:
+            problems.append(f"{p}: sha256 mismatch (file changed or corrupt)")
+    return problems
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write to a temp file in the same directory, fsync, rename over ``path``, fsync the directory."""
+    data = (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def aggregate(shards: Iterable[dict], seq_length: int) -> tuple[dict, dict]:
+    """(counts, skipped) over the shard entries of a build (SOLO Table 1 style counts + skip reasons)."""
+    counts = dict.fromkeys(COUNT_KEYS, 0)
+    counts["input_records"] = 0
+    by_reason: dict[str, int] = {}
+    samples: dict[str, list[str]] = {}
+    examples: dict[str, list[dict]] = {}
+    for s in shards:
+        for k in COUNT_KEYS:
+            counts[k] += int(s["stats"].get(k, 0))
+        counts["input_records"] += s["records"][1] - s["records"][0]
+        for reason, n in s["skipped"].items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+        for reason, ids in s["skipped_sample"].items():
+            room = SAMPLE_IDS - len(samples.setdefault(reason, []))
+            samples[reason].extend(ids[:room])
+        for reason, ex in s.get("skipped_examples", {}).items():
+            room = EXAMPLES - len(examples.setdefault(reason, []))
+            examples[reason].extend(ex[:room])
+    total = counts["tokens_total"]
+    counts["fill"] = round(total / counts["slots"], 6) if counts["slots"] else 0.0
+    counts["text_fraction"] = round(counts["tokens_text"] / total, 6) if total else 0.0
+    counts["vision_fraction"] = round(counts["tokens_vision"] / total, 6) if total else 0.0
+    skipped = {
+        "total": sum(by_reason.values()),
+        "by_reason": dict(sorted(by_reason.items())),
+        "samples": dict(sorted(samples.items())),
+        "examples": dict(sorted(examples.items())),
+    }
+    return counts, skipped
+
+
+def load_json(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def manifest_path(out_dir: Path) -> Path:
+    return out_dir / MANIFEST_NAME

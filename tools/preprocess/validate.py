@@ -1,0 +1,87 @@
+"""``tools.preprocess validate DIR``: checksums, counts vs the manifest, pack boundaries. Reads through ShardSet
+(i.e. megatron-core's IndexedDataset), so what validates is what training will read."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from megatron_solo.data.shards import Shard, read_manifest
+from tools.preprocess import manifest as mf
+
+
+def _check_pack(shard: Shard, i: int, where: str) -> tuple[list[str], dict]:
+    ids, S = shard.ids, shard.seq_length
+    tokens = np.asarray(shard.tokens[i])
+    cu = np.asarray(shard.docs[i])
+    n_patch_values = len(shard.patches[i])
+    p: list[str] = []
+    if len(tokens) != S:
+        p.append(f"{where}: {len(tokens)} tokens, expected seq_length {S}")
+    if len(cu) < 2 or cu[0] != 0 or np.any(np.diff(cu) <= 0) or cu[-1] > S:
+        p.append(f"{where}: cu_seqlens not 0 < ... strictly increasing <= {S}: {cu[:8].tolist()}...")
+        return p, {}
+    n_real = int(cu[-1])
+    if np.any(tokens[n_real:] != ids.pad):
+        p.append(f"{where}: non-pad token after the last document (position >= {n_real})")
+    is_patch = tokens[:n_real] == ids.vpatch
+    n_patches = int(is_patch.sum())
+    if n_patch_values != n_patches * 3072:
+        p.append(f"{where}: {n_patch_values // 3072} patches stored but {n_patches} <vpatch> tokens")
+    starts = tokens[cu[:-1]]
+    n_vis = int(np.isin(tokens[:n_real], [ids.vision, ids.vpatch, ids.row_sep, ids.vision_end]).sum())
+    n_open, n_close = int((tokens == ids.vision).sum()), int((tokens == ids.vision_end).sum())
+    if n_open != n_close:
+        p.append(f"{where}: {n_open} <vision> but {n_close} </vision>")
+    counts = {
+        "documents": len(cu) - 1,
+        "images": n_open,
+        "patches": n_patches,
+        "tokens_total": n_real,
+        "tokens_vision": n_vis,
+        "bos": int((starts == ids.bos).sum()),
+    }
+    return p, counts
+
+
+def validate(directory: str | os.PathLike, checksums: bool = True) -> tuple[list[str], str]:
+    """(problems, one-line report). No problems = the shard set matches its manifest and every pack is well formed."""
+    d = Path(directory)
+    problems: list[str] = []
+    man = read_manifest(d)
+    S = man.get("seq_length")
+    totals = dict.fromkeys(("packs", "documents", "images", "patches", "tokens_total", "tokens_vision"), 0)
+    for entry in man.get("shards", []):
+        name = entry["prefix"]
+        if checksums:
+            problems += mf.verify_checksums(d, entry.get("files", {}))
+        try:
+            shard = Shard(d / name, S)
+        except (FileNotFoundError, ValueError, AssertionError, OSError) as e:
+            problems.append(f"{name}: cannot be opened: {e}")
+            continue
+        if len(shard) != entry.get("packs"):
+            problems.append(f"{name}: {len(shard)} packs, manifest says {entry.get('packs')}")
+        shard_counts = dict.fromkeys(totals, 0)
+        for i in range(len(shard)):
+            p, c = _check_pack(shard, i, f"{name} pack {i}")
+            problems += p
+            for k in totals:
+                shard_counts[k] += c.get(k, 0)
+            shard_counts["packs"] += 1
+        for k in ("images", "patches"):
+            if shard_counts[k] != entry.get(k):
+                problems.append(f"{name}: {shard_counts[k]} {k} in the packs, manifest says {entry.get(k)}")
+        for k in totals:
+            totals[k] += shard_counts[k]
+    counts = man.get("counts", {})
+    for k, v in totals.items():
+        if counts.get(k) != v:
+            problems.append(f"manifest counts.{k} = {counts.get(k)} but the shards hold {v}")
+    report = (
+        f"{totals['packs']} packs, {totals['documents']} documents, {totals['images']} images, "
+        f"{totals['patches']} patches, {totals['tokens_total']} tokens" + (", checksums verified" if checksums else "")
+    )
+    return problems, report
