@@ -1,0 +1,334 @@
+"""The training loop: data -> ``get_forward_backward_func`` (grad accumulation, ``finalize_model_grads`` with the
+global text-token count) -> Megatron optimizer step -> schedule -> metrics / validation / checkpoints.
+
+Loss convention (docs/model.md): every micro-batch back-propagates the SUM of its text-token losses;
+``calculate_per_token_loss=True`` makes the schedule pass the step's token count to ``finalize_model_grads``, which
+divides the DP-reduced gradient by the global count: the gradient of the token-weighted mean over the global batch,
+whatever the micro-batch / DP split.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_solo import parallel
+from megatron_solo.data.batch import BatchLoader, SoloBatch
+from megatron_solo.model import build_packed_seq_params, mean_losses, solo_losses
+from megatron_solo.model.loss import LOSS_NAMES
+from megatron_solo.training import checkpointing as ckpt
+from megatron_solo.training.arguments import RunArgs, model_config
+from megatron_solo.training.metrics import MetricsWriter, console_line, memory_gb, peak_tflops, training_flops
+from megatron_solo.training.optimizer import TrainState, build_model_and_optimizer, build_scheduler
+
+# Test hook (fault injection): SIGKILL rank 0 after this iteration (see also checkpointing.KILL_IN_SAVE_ITER).
+KILL_AFTER_ITER = "SOLO_TEST_KILL_AFTER_ITER"
+
+
+def _log(msg: str) -> None:
+    if dist.get_rank() == 0:
+        print(msg, flush=True)
+
+
+def resolve_tokenizer(args: RunArgs) -> str:
+    """--tokenizer-model, else the checkpoint's tokenizer.model, else the one the first data set was built with."""
+    if args.data.tokenizer_model:
+        return args.data.tokenizer_model
+    from megatron_solo.convert.checkpoint_io import TOKENIZER_NAME, find_file, resolve_iteration_dir
+
+    for src in (args.ckpt.load, args.ckpt.pretrained_checkpoint):
+        if src:
+            try:
+                return str(find_file(resolve_iteration_dir(src), TOKENIZER_NAME))
+            except FileNotFoundError:
+                pass
+    from megatron_solo.data.blend import parse_data_path
+    from megatron_solo.data.shards import read_manifest
+
+    path = (read_manifest(parse_data_path(args.data.data_path)[0][1]).get("tokenizer") or {}).get("path")
+    if path and Path(path).exists():
+        return path
+    raise SystemExit("pretrain_solo.py: no tokenizer: pass --tokenizer-model (the SOLO SentencePiece model)")
+
+
+def _checkpoint_arch(args: RunArgs) -> dict | None:
+    """Architecture of the checkpoint the run starts from (its solo_config.json), if any."""
+    import json
+
+    from megatron_solo.convert.checkpoint_io import CONFIG_NAME, architecture_of, find_file, resolve_iteration_dir
+
+    for src in (args.ckpt.load, args.ckpt.pretrained_checkpoint):
+        if src and _has_checkpoint(src):
+            return architecture_of(json.loads(find_file(resolve_iteration_dir(src), CONFIG_NAME).read_text()))
+    return None
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]
+    pairs: dict[str, torch.Tensor]  # DP-reduced (sum, count) per loss kind
+    tokens: int
+    real_tokens: int
+    flops: float
+
+
+class Trainer:
+    """One run: build everything from ``RunArgs``, then :meth:`train`."""
+
+    def __init__(self, args: RunArgs):
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from megatron_solo.data.blend import build_blend
+        from megatron_solo.format.tokens import SoloTokenizer
+
+        self.args = args
+        parallel.initialize(tensor_model_parallel_size=args.parallel.tensor_model_parallel_size, seed=args.train.seed)
+        self.rank = dist.get_rank()
+        self.device = parallel.device()
+        self.tokenizer_path = resolve_tokenizer(args)
+        tokenizer = SoloTokenizer(self.tokenizer_path)
+
+        self.train_data = build_blend(
+            args.data.data_path, seed=args.train.seed, vision_fraction=args.data.vision_fraction
+        )
+        self.valid_data = (
+            build_blend(args.data.valid_data_path, seed=args.train.seed) if args.data.valid_data_path else None
+        )
+        seq_length = self.train_data.seq_length
+        if args.data.seq_length is not None and args.data.seq_length != seq_length:
+            raise SystemExit(f"--seq-length {args.data.seq_length} != the shards' pack length {seq_length}")
+        ids = self.train_data.token_ids
+        if ids.vpatch != tokenizer.vpatch_id or ids.first_special != tokenizer.first_special_id:
+            raise SystemExit(
+                f"tokenizer {self.tokenizer_path} (<vpatch>={tokenizer.vpatch_id}) does not match the shards "
+                f"(<vpatch>={ids.vpatch}); were they built with another tokenizer?"
+            )
+        self.seq_length = seq_length
+
+        special = (tokenizer.vpatch_id, tokenizer.first_special_id)
+        self.config = model_config(args, tokenizer.vocab_size, seq_length, special, arch=_checkpoint_arch(args))
+        self.ddp, self.optimizer = build_model_and_optimizer(self.config, args.parallel, args.optim)
+        self.scheduler = build_scheduler(self.optimizer, args.optim, args.sched, args.train.train_iters)
+        self.loader = BatchLoader(
+            self.train_data, args.train.global_batch_size, args.train.micro_batch_size, self.device
+        )
+        self.valid_loader = (
+            BatchLoader(self.valid_data, args.train.global_batch_size, args.train.micro_batch_size, self.device)
+            if self.valid_data is not None
+            else None
+        )
+        self.forward_backward = get_forward_backward_func()
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
+        self.writer = MetricsWriter(args.log.tensorboard_dir, args.log.metrics_log, enabled=self.rank == 0)
+        self.peak = peak_tflops(args.log.peak_tflops)
+        self.state = self._load()
+        n_params = sum(p.numel() for p in self.ddp.module.parameters())
+        _log(
+            f"SOLO run: world {dist.get_world_size()} = TP {self.tp_size} x DP {self.dp_size}, dist-opt "
+            f"{args.parallel.use_distributed_optimizer}, {'bf16' if args.bf16 else 'fp32'}, {n_params:,} params per "
+            f"TP rank, seq {seq_length}, GBS {args.train.global_batch_size}, MBS {args.train.micro_batch_size}, "
+            f"{self.loader.num_microbatches} micro-batches/step; data: {len(self.train_data)} packs/epoch; "
+            f"starting at iteration {self.state.iteration} ({self.state.consumed_samples} samples consumed)"
+        )
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+    def _load(self) -> TrainState:
+        c = self.args.ckpt
+        if c.load and not c.finetune and ckpt.checkpoint_has_trainer_state(c.load):
+            state = ckpt.load_checkpoint(
+                c.load, self.ddp, self.optimizer, self.scheduler, load_optim=not c.no_load_optim,
+                load_rng=not c.no_load_rng,
+            )  # fmt: skip
+            _log(f"resumed from {c.load} at iteration {state.iteration}")
+            return state
+        source = c.load if c.load and (c.finetune or _has_checkpoint(c.load)) else c.pretrained_checkpoint
+        if source:
+            it_dir = ckpt.load_weights(self.ddp, self.optimizer, source)
+            _log(f"loaded weights from {it_dir} (fresh optimizer and schedule)")
+        return TrainState()
+
+    def save(self) -> None:
+        c = self.args.ckpt
+        layout = {"tensor_model_parallel_size": self.tp_size, "data_parallel_size": self.dp_size}
+        t0 = time.time()
+        path = ckpt.save_checkpoint(
+            c.save, self.state, self.ddp, self.optimizer, self.scheduler, self.config, self.tokenizer_path, layout,
+            save_optim=not c.no_save_optim,
+        )  # fmt: skip
+        _log(f"saved checkpoint {path} in {time.time() - t0:.1f}s")
+
+    # ---- steps -------------------------------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model, *, collected: list):
+        batch: SoloBatch = next(data_iterator)
+        psp = build_packed_seq_params(batch.cu_seqlens, batch.max_seqlen)
+        per_token = model(batch.tokens, batch.position_ids, batch.patches, labels=batch.labels, packed_seq_params=psp)
+        collected.append(batch)
+
+        def loss_func(output: torch.Tensor):
+            pairs = solo_losses(output, batch.loss_mask, batch.vision_doc_mask)
+            stacked = torch.stack([pairs[k].detach() for k in LOSS_NAMES])
+            return pairs["overall"][0], pairs["overall"][1].int(), {"pairs": stacked}
+
+        return per_token, loss_func
+
+    def _run(self, batches: list[SoloBatch], forward_only: bool) -> StepResult:
+        collected: list[SoloBatch] = []
+        out = self.forward_backward(
+            forward_step_func=functools.partial(self._forward_step, collected=collected),
+            data_iterator=iter(batches),
+            model=[self.ddp],
+            num_microbatches=len(batches),
+            seq_length=self.seq_length,
+            micro_batch_size=self.args.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+        pairs = sum(d["pairs"] for d in out)
+        tokens = sum(b.tokens.numel() for b in batches)
+        real = sum(b.num_real_tokens for b in batches)
+        flops = sum(training_flops(self.config, b.doc_lengths, b.patches.shape[0]) for b in batches)
+        # one all-reduce over DP: (sum, count) pairs + token and FLOP totals
+        extra = torch.tensor([[tokens, real], [flops, 0.0]], dtype=torch.float64)
+        packed = torch.cat([pairs.double().reshape(-1).to(self.device), extra.reshape(-1).to(self.device)])
+        from megatron.core import parallel_state as ps
+
+        dist.all_reduce(packed, group=ps.get_data_parallel_group())
+        packed = packed.cpu()
+        n = len(LOSS_NAMES) * 2
+        reduced = {k: packed[2 * i : 2 * i + 2] for i, k in enumerate(LOSS_NAMES)}
+        return StepResult(mean_losses(reduced), reduced, int(packed[n]), int(packed[n + 1]), float(packed[n + 2]))
+
+    def train_step(self) -> tuple[StepResult, float]:
+        batches = self.loader.step(self.state.consumed_samples)
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        result = self._run(batches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        self.state.iteration += 1
+        self.state.consumed_samples += self.args.train.global_batch_size
+        return result, float("nan") if grad_norm is None else float(grad_norm)
+
+    def evaluate(self) -> dict[str, float]:
+        """Token-weighted validation losses over the first ``--eval-iters`` global batches of the held-out sets."""
+        totals = None
+        self.ddp.eval()
+        with torch.no_grad():
+            for k in range(self.args.train.eval_iters):
+                batches = self.valid_loader.step(k * self.args.train.global_batch_size)
+                pairs = self._run(batches, forward_only=True).pairs
+                totals = pairs if totals is None else {n: totals[n] + pairs[n] for n in totals}
+        self.ddp.train()
+        return mean_losses(totals)
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def train(self) -> TrainState:
+        a = self.args
+        stop_at = min(a.train.train_iters, a.train.exit_interval or a.train.train_iters)
+        kill_after = os.environ.get(KILL_AFTER_ITER)
+        world = dist.get_world_size()
+        bar = None
+        if a.log.progress_bar and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=stop_at, initial=self.state.iteration, unit="it")
+        self.first_loss = self.last_loss = None
+        start, last_saved = self.state.iteration, None
+        while self.state.iteration < stop_at:
+            t0 = time.time()
+            result, grad_norm = self.train_step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            it = self.state.iteration
+            tflops = result.flops / dt / world / 1e12
+            m = {
+                "iteration": it,
+                "consumed_samples": self.state.consumed_samples,
+                "loss": result.losses["overall"],
+                "vision_lm": result.losses["vision_lm"],
+                "text_lm": result.losses["text_lm"],
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+                "tokens_per_s": result.tokens / dt,
+                "real_tokens_per_s": result.real_tokens / dt,
+                "tflops_per_gpu": tflops,
+                "mfu": tflops / self.peak if self.peak else float("nan"),
+                "mem_gb": memory_gb(),
+                "step_time_s": dt,
+            }
+            self.first_loss = m["loss"] if self.first_loss is None else self.first_loss
+            self.last_loss = m["loss"]
+            self.writer.write("train", m)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
+            elif it % a.log.log_interval == 0 or it == stop_at:
+                _log(console_line(m, a.train.train_iters))
+            if self.valid_loader is not None and a.train.eval_interval and it % a.train.eval_interval == 0:
+                self._log_eval()
+            if a.ckpt.save and a.ckpt.save_interval and it % a.ckpt.save_interval == 0:
+                self.save()
+                last_saved = it
+            if kill_after is not None and int(kill_after) == it:
+                _kill_self()
+        if bar is not None:
+            bar.close()
+        ran = self.state.iteration > start
+        if (
+            ran
+            and self.valid_loader is not None
+            and a.train.eval_interval
+            and self.state.iteration % a.train.eval_interval
+        ):
+            self._log_eval()
+        if ran and a.ckpt.save and a.ckpt.save_at_exit and last_saved != self.state.iteration:
+            self.save()
+        self.writer.close()
+        return self.state
+
+    def _log_eval(self) -> None:
+        r = self.evaluate()
+        m = {"iteration": self.state.iteration, **{f"valid_{k}": v for k, v in r.items()}}
+        self.writer.write("valid", m)
+        _log(
+            f"validation at iter {self.state.iteration} | loss {r['overall']:.4f} | vision-lm {r['vision_lm']:.4f} | "
+            f"text-lm {r['text_lm']:.4f}"
+        )
+
+
+def _has_checkpoint(path: str) -> bool:
+    from megatron_solo.convert.checkpoint_io import resolve_iteration_dir
+
+    try:
+        resolve_iteration_dir(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _kill_self() -> None:
+    if dist.get_rank() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()  # the others wait here until torchrun tears the job down
+
+
+def main(argv: list[str] | None = None) -> TrainState:
+    from megatron_solo.training.arguments import parse_args
+
+    args = parse_args(argv)
+    trainer = Trainer(args)
+    state = trainer.train()
+    if trainer.first_loss is not None:
+        _log(f"first loss {trainer.first_loss:.4f} -> last loss {trainer.last_loss:.4f} ({state.iteration} iterations)")
+    parallel.destroy()
+    return state

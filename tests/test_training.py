@@ -1,0 +1,202 @@
+"""pretrain_solo.py end to end under real torchrun + gloo on the bundled demo data (CPU).
+
+Seven launches share one module fixture (each costs ~15-25 s on 2 cores), all with GBS 4, MBS 1, the debug model,
+seq 256, Adam + warm-up + cosine, clip 1.0, wd 0.1, 8 iterations:
+
+- ``ref``: 1 process (TP=1, DP=1, 4 micro-batches of grad accumulation), saves at exit;
+- ``a``:  TP=2 x DP=2, distributed optimizer (2 micro-batches per DP rank), saves at iterations 4 and 8;
+- ``b``:  as ``a`` but saves every 3 iterations and rank 0 is SIGKILLed after iteration 5;
+- ``b2``: resumes ``b`` (from iteration 3) and is SIGKILLed in the middle of its exit save (iteration 8);
+- ``c``:  TP=1 x DP=4 resumes ``a``'s iteration-4 checkpoint, runs to 6 (``--exit-interval``), saves;
+- ``d``:  TP=2 x DP=2 resumes ``c``'s checkpoint with sequence parallelism and full recompute, runs 7..8;
+- ``e``:  1 process starts a new stage from ``a``'s final weights (``--pretrained-checkpoint``: fresh optimizer and
+  schedule, iteration 0).
+
+Tolerances: same layout -> bit-identical losses; another layout (other reduction orders) -> rtol 1e-4 on losses
+and atol 2e-5 on weights after 8 Adam steps at lr 3e-3 (fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+ITERS = 8
+LOSS_RTOL = 1e-4
+WEIGHT_ATOL = 2e-5
+
+
+def _torchrun(nproc: int, flags: list[str], metrics: Path, env: dict | None = None, timeout: int = 300) -> dict:
+    full_env = dict(os.environ)
+    full_env.update(
+        PYTHONPATH=os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONUNBUFFERED="1",
+    )
+    full_env.update(env or {})
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        str(REPO / "pretrain_solo.py"), *flags, "--metrics-log", str(metrics),
+    ]  # fmt: skip
+    log = metrics.with_suffix(".log")
+    # Own session + output to a file: a SIGKILLed rank leaves its dist_checkpointing writer (a multiprocessing
+    # Manager child) orphaned; it would hold a pipe open. The whole group is killed once torchrun is done.
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=full_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = -9
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    out = log.read_text()
+    records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    losses = {r["iteration"]: r["loss"] for r in records if r["kind"] == "train"}
+    valid = {r["iteration"]: r["valid_overall"] for r in records if r["kind"] == "valid"}
+    return {"rc": rc, "out": out, "losses": losses, "valid": valid}
+
+
+def _checkpoint_weights(it_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model tensors of a torch_dist checkpoint, read by torch.distributed.checkpoint itself."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"{it_dir.parent.name}_{it_dir.name}.pt"
+    dcp_to_torch_save(str(it_dir), str(out))
+    flat = torch.load(out, weights_only=False)
+    return {k: v for k, v in flat.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from tools.preprocess.demo import build_demo_shards
+
+    tmp = tmp_path_factory.mktemp("train")
+    data = build_demo_shards(tmp / "demo", seq_length=256)
+    common = [
+        "--model", "debug", "--data-path", data["train"], "--valid-data-path", data["valid"],
+        "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(ITERS),
+        "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "2", "--weight-decay", "0.1", "--clip-grad", "1.0",
+        "--eval-interval", "4", "--eval-iters", "1", "--seed", "7",
+    ]  # fmt: skip
+    tp2 = ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"]
+    tp1 = ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer"]
+    r = {"tmp": tmp}
+    r["ref"] = _torchrun(1, [*common, *tp1, "--save", str(tmp / "ref")], tmp / "ref.jsonl")
+    r["a"] = _torchrun(4, [*common, *tp2, "--save", str(tmp / "a"), "--save-interval", "4"], tmp / "a.jsonl")
+    b_flags = [*common, *tp2, "--save", str(tmp / "b"), "--save-interval", "3", "--load", str(tmp / "b")]
+    r["b"] = _torchrun(4, b_flags, tmp / "b.jsonl", env={"SOLO_TEST_KILL_AFTER_ITER": "5"})
+    r["b_tracker_after_kill"] = (tmp / "b" / "latest_checkpointed_iteration.txt").read_text().strip()
+    r["b2"] = _torchrun(4, b_flags, tmp / "b2.jsonl", env={"SOLO_TEST_KILL_IN_SAVE_ITER": str(ITERS)})
+    c_flags = [*common, *tp1, "--load", str(tmp / "a" / "iter_0000004"), "--save", str(tmp / "c")]
+    r["c"] = _torchrun(4, [*c_flags, "--exit-interval", "6"], tmp / "c.jsonl")
+    sp_recompute = ["--sequence-parallel", "--recompute-granularity", "full", "--recompute-num-layers", "1"]
+    r["d"] = _torchrun(4, [*common, *tp2, *sp_recompute, "--load", str(tmp / "c")], tmp / "d.jsonl")
+    e_flags = [
+        *common,
+        *tp1,
+        "--pretrained-checkpoint",
+        str(tmp / "a"),
+        "--train-iters",
+        "2",
+        "--eval-interval",
+        "0",
+        "--lr-warmup-iters",
+        "1",
+    ]
+    r["e"] = _torchrun(1, e_flags, tmp / "e.jsonl")
+    return r
+
+
+def _ok(run: dict) -> None:
+    assert run["rc"] == 0, run["out"][-6000:]
+
+
+def _close(got: dict[int, float], want: dict[int, float], iters, rtol: float = LOSS_RTOL) -> None:
+    for i in iters:
+        assert i in got, f"iteration {i} missing: got {sorted(got)}"
+        assert got[i] == pytest.approx(want[i], rel=rtol), f"iteration {i}: {got[i]} vs {want[i]}"
+
+
+@pytest.mark.dist
+def test_tp2_dp2_distributed_optimizer_matches_single_process(runs):
+    _ok(runs["ref"])
+    _ok(runs["a"])
+    ref, a = runs["ref"]["losses"], runs["a"]["losses"]
+    assert sorted(ref) == sorted(a) == list(range(1, ITERS + 1))
+    _close(a, ref, range(1, ITERS + 1))
+    _close(runs["a"]["valid"], runs["ref"]["valid"], (4, 8))
+    w_ref = _checkpoint_weights(runs["tmp"] / "ref" / "iter_0000008", runs["tmp"])
+    w_a = _checkpoint_weights(runs["tmp"] / "a" / "iter_0000008", runs["tmp"])
+    assert w_ref.keys() == w_a.keys() and any("vision_projector" in k for k in w_a)
+    assert len(w_ref) > 5
+    for k in w_ref:
+        torch.testing.assert_close(w_a[k], w_ref[k], rtol=0, atol=WEIGHT_ATOL, msg=k)
+
+
+@pytest.mark.dist
+def test_loss_falls_and_metrics_are_logged(runs):
+    _ok(runs["a"])
+    losses = runs["a"]["losses"]
+    assert losses[ITERS] < losses[1] - 0.5, losses  # ln(1005) = 6.9 at the start
+    out = runs["a"]["out"]
+    for field in ("| loss ", "| vision-lm ", "| text-lm ", "| lr ", "| grad-norm ", "| tokens/s ", "| TFLOP/s/GPU "):
+        assert field in out
+    assert "validation at iter 4" in out and "first loss" in out
+
+
+@pytest.mark.dist
+def test_kill9_then_resume_continues_bit_identically(runs):
+    b, b2, a = runs["b"], runs["b2"], runs["a"]["losses"]
+    assert b["rc"] != 0 and max(b["losses"]) == 5, b["out"][-3000:]  # SIGKILLed after iteration 5
+    assert runs["b_tracker_after_kill"] == "3"
+    assert {i: b["losses"][i] for i in range(1, 6)} == {i: a[i] for i in range(1, 6)}  # same run as `a` so far
+    assert "resumed from" in b2["out"] and "at iteration 3" in b2["out"], b2["out"][-3000:]
+    assert sorted(b2["losses"]) == list(range(4, ITERS + 1))
+    assert {i: b2["losses"][i] for i in range(4, ITERS + 1)} == {i: a[i] for i in range(4, ITERS + 1)}  # exact
+
+
+@pytest.mark.dist
+def test_kill_during_save_leaves_last_checkpoint_loadable(runs):
+    b2 = runs["b2"]
+    assert b2["rc"] != 0  # killed inside the exit save of iteration 8
+    root = runs["tmp"] / "b"
+    assert (root / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    assert (root / "iter_0000008.tmp").is_dir() and not (root / "iter_0000008").exists()
+    assert (root / "iter_0000006" / "metadata.json").exists()
+
+
+@pytest.mark.dist
+def test_reshard_tp2dp2_to_tp1dp4_and_back(runs):
+    c, d, a = runs["c"], runs["d"], runs["a"]["losses"]
+    _ok(c)
+    _ok(d)
+    assert "resumed from" in c["out"] and sorted(c["losses"]) == [5, 6]
+    _close(c["losses"], a, (5, 6))
+    assert "at iteration 6" in d["out"] and sorted(d["losses"]) == [7, 8]
+    _close(d["losses"], a, (7, 8))
+
+
+@pytest.mark.dist
+def test_stage_chaining_starts_from_weights_with_fresh_schedule(runs):
+    e, a, ref = runs["e"], runs["a"]["losses"], runs["ref"]["losses"]
+    _ok(e)
+    assert "loaded weights from" in e["out"] and "starting at iteration 0" in e["out"]
+    assert sorted(e["losses"]) == [1, 2]
+    # same samples as the first step of a fresh run, but from trained weights: far below a fresh start
+    assert e["losses"][1] < ref[1] - 0.5 and e["losses"][1] == pytest.approx(a[ITERS], abs=0.5)
+    lrs = [json.loads(x)["lr"] for x in (runs["tmp"] / "e.jsonl").read_text().splitlines()]
+    assert lrs[0] == pytest.approx(3e-3)  # a fresh 1-step warm-up to the peak; `a` ended near --min-lr 3e-4

@@ -1,0 +1,115 @@
+"""One-process checks of the trainer's parts: Pack -> SoloBatch collation, the FLOPs count, flag parsing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_solo.data.batch import collate, to_solo_batch
+from megatron_solo.data.shards import Pack
+from megatron_solo.training.metrics import causal_pairs, training_flops
+
+BOS, EOS, PAD, TXT, VPATCH, VIS = 1, 2, 0, 50, 1001, 1000
+
+
+def _pack(docs: list[list[int]], s: int, images: dict[int, int]) -> Pack:
+    """Documents of token ids (VPATCH marks a patch) -> Pack; ``images[d]`` = number of patches of doc d."""
+    tokens = np.full(s, PAD, dtype=np.int32)
+    flat = [t for d in docs for t in d]
+    tokens[: len(flat)] = flat
+    cu = np.cumsum([0] + [len(d) for d in docs]).astype(np.int32)
+    text = ((tokens != BOS) & (tokens < VIS)).astype(np.uint8)
+    text[len(flat) :] = 0
+    n_patch = int((tokens == VPATCH).sum())
+    patches = np.arange(n_patch * 3072, dtype=np.int64).reshape(n_patch, 3072).astype(np.uint8)
+    has_image = np.array([any(t == VPATCH for t in d) for d in docs])
+    return Pack(tokens=tokens, text_mask=text, patches=patches, cu_seqlens=cu, doc_has_image=has_image)
+
+
+def _reference_loss_mask(pack: Pack) -> np.ndarray:
+    """Independent rule, position by position: the label (next token) is text and in the same document."""
+    s = len(pack.tokens)
+    doc = np.full(s, -1)
+    for d, (a, b) in enumerate(zip(pack.cu_seqlens[:-1], pack.cu_seqlens[1:])):
+        doc[a:b] = d
+    out = np.zeros(s, dtype=np.float32)
+    for t in range(s - 1):
+        if doc[t] >= 0 and doc[t] == doc[t + 1] and pack.text_mask[t + 1]:
+            out[t] = 1
+    return out
+
+
+def test_collate_matches_the_solo_batch_contract():
+    d0 = [BOS, TXT, TXT + 1, VIS, VPATCH, VPATCH, 1004, TXT + 2, EOS]  # image document
+    d1 = [BOS, TXT + 3, TXT + 4, EOS]
+    d2 = [TXT + 5, TXT + 6, TXT + 7]  # a split text chunk: no BOS; its first token is not d1's target
+    packs = [_pack([d0, d1], 16, {0: 2}), _pack([d2, [BOS, VIS, VPATCH, 1004, TXT, EOS]], 16, {1: 1})]
+    wire = collate(packs)
+    assert wire.patches.dtype == torch.uint8 and wire.tokens.dtype == torch.int32  # compact on the wire
+    b = to_solo_batch(wire)
+    assert b.patches.dtype == torch.uint8 and b.patches.shape == (3, 3072)
+    torch.testing.assert_close(b.patches, torch.from_numpy(np.concatenate([p.patches for p in packs])))
+    assert b.tokens.shape == (2, 16) and b.tokens.dtype == torch.int64
+    # labels = tokens shifted left per row
+    assert torch.equal(b.labels[:, :-1], b.tokens[:, 1:])
+    for r, p in enumerate(packs):
+        np.testing.assert_array_equal(b.loss_mask[r].numpy(), _reference_loss_mask(p))
+    # cu_seqlens over the flattened tokens, padding its own segment; positions restart per segment
+    assert b.cu_seqlens.tolist() == [0, 9, 13, 16, 19, 25, 32]
+    assert b.max_seqlen == 9 and b.pad_tokens == 3 + 7 and b.doc_lengths == [9, 4, 3, 6]
+    assert b.position_ids[0].tolist() == list(range(9)) + list(range(4)) + list(range(3))
+    assert b.position_ids[1].tolist() == list(range(3)) + list(range(6)) + list(range(7))
+    want_vis = [[1] * 9 + [0] * 7, [0] * 3 + [1] * 6 + [0] * 7]
+    assert b.vision_doc_mask.int().tolist() == want_vis
+    assert b.num_real_tokens == 32 - 10
+
+
+def test_collate_rejects_unequal_packs():
+    with pytest.raises(ValueError, match="pack 1 has 8 tokens"):
+        collate([_pack([[BOS, TXT, EOS]], 16, {}), _pack([[BOS, TXT, EOS]], 8, {})])
+
+
+@pytest.mark.parametrize("length,window", [(1, None), (7, None), (7, 3), (7, 7), (7, 100), (40, 16)])
+def test_causal_pairs_counts_every_visible_key(length, window):
+    q = np.arange(length)[:, None]
+    k = np.arange(length)[None, :]
+    visible = (k <= q) & ((q - k) < (window or length))
+    assert causal_pairs(length, window) == int(visible.sum())
+
+
+def test_training_flops_formula():
+    from megatron_solo.model import debug
+
+    cfg = debug(
+        vocab_size=1005, vpatch_id=1001, first_special_id=1000
+    )  # hidden 64, 2 layers, 4 heads x 16, 2 KV groups, ffn 128 (gated), window 16
+    h, layers, v_pad = 64, 2, cfg.padded_vocab_size
+    per_layer = h * (4 + 2 * 2) * 16 + 4 * 16 * h + h * 256 + 128 * h
+    dense = 2 * (layers * per_layer + h * v_pad)
+    docs, patches = [20, 5], 3
+    attn = 4 * 4 * 16 * (causal_pairs(20, 16) + causal_pairs(5, 16)) * layers
+    want = 3 * (dense * 25 + 2 * 3072 * h * patches + attn)
+    assert training_flops(cfg, docs, patches) == pytest.approx(want)
+    # window-aware: a longer window over the 20-token document adds work
+    cfg_full = debug(vocab_size=1005, vpatch_id=1001, first_special_id=1000, window_size=None)
+    assert training_flops(cfg_full, docs, patches) > training_flops(cfg, docs, patches)
+
+
+def test_flags_map_to_component_configs():
+    from megatron_solo.training.arguments import model_config, parse_args
+
+    a = parse_args(
+        "--data-path 0.3 /a 0.7 /b --train-iters 10 --lr 5e-5 --min-lr 5e-6 --lr-warmup-iters 2 --weight-decay 0.1 "
+        "--clip-grad 1.0 --tensor-model-parallel-size 2 --use-distributed-optimizer --micro-batch-size 1 "
+        "--global-batch-size 8 --recompute-granularity full --recompute-method uniform --recompute-num-layers 1 "
+        "--model debug --hidden-size 128".split()
+    )
+    assert a.data.data_path == ["0.3", "/a", "0.7", "/b"]
+    assert (a.optim.lr, a.optim.min_lr, a.optim.weight_decay, a.optim.clip_grad) == (5e-5, 5e-6, 0.1, 1.0)
+    assert a.optim.use_distributed_optimizer and a.parallel.use_distributed_optimizer
+    assert (a.train.global_batch_size, a.train.micro_batch_size, a.sched.lr_warmup_iters) == (8, 1, 2)
+    cfg = model_config(a, vocab_size=1005, seq_length=256, special_ids=(1001, 1000))
+    assert (cfg.hidden_size, cfg.tensor_model_parallel_size, cfg.seq_length) == (128, 2, 256)
+    assert (cfg.recompute_granularity, cfg.recompute_method, cfg.recompute_num_layers) == ("full", "uniform", 1)
+    assert cfg.calculate_per_token_loss and cfg.vpatch_id == 1001 and cfg.max_position_embeddings == 256
