@@ -14,6 +14,8 @@ ext = Pybind11Extension(
     extra_link_args=["-pthread"],
 )
 
+DEMO_EXTRAS = ["matplotlib", "tensorboard", "transformers>=4.44", "safetensors"]
+
 setup(
     name="megatron-solo",
     version="0.1.0",
@@ -38,7 +40,9 @@ setup(
         "protobuf",  # sentencepiece_model_pb2: extending the tokenizer's ModelProto
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff", "transformers>=4.44", "safetensors", "matplotlib", "tensorboard"],
+        # demo: the bundled demo data (matplotlib ships its photo), TensorBoard logs, HF export / generate
+        "demo": DEMO_EXTRAS,
+        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff"],
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={
