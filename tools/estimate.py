@@ -26,9 +26,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from megatron_solo.model.config import SoloConfig, padded_vocab_size, recipe
+from megatron_solo.training.metrics import PEAK_TFLOPS, causal_pairs, training_flops
 
 GIB = 1024**3
-PEAK_BF16_FLOPS = {"a100": 312e12, "h100": 989e12, "h200": 989e12}  # dense bf16 tensor-core peak per GPU (SXM)
+# dense bf16 tensor-core peak per GPU (SXM), from the trainer's table (one source for MFU)
+PEAK_BF16_FLOPS = {name.lower(): PEAK_TFLOPS[name] * 1e12 for name in ("A100", "H100", "H200")}
 
 
 @dataclass(frozen=True)
@@ -186,15 +188,11 @@ def estimate_memory(cfg: SoloConfig, layout: Layout) -> dict[str, float]:
 # ---- FLOPs --------------------------------------------------------------------------------------------------
 def attention_pairs(doc_lengths: Iterable[int], window: int | None) -> int:
     """(query, key) pairs of causal attention within each document, a query seeing at most ``window`` keys
-    (itself included): per document of length L, sum_{i=1..L} min(i, W)."""
-    total = 0
-    for length in doc_lengths:
-        length = int(length)
-        if length < 0:
-            raise ValueError(f"negative document length {length}")
-        w = length if window is None else min(length, int(window))
-        total += w * (w + 1) // 2 + (length - w) * w
-    return total
+    (itself included): per document of length L, sum_{i=1..L} min(i, W) (the trainer's ``causal_pairs``)."""
+    lengths = [int(x) for x in doc_lengths]
+    if any(length < 0 for length in lengths):
+        raise ValueError(f"negative document length in {lengths}")
+    return sum(causal_pairs(length, window) for length in lengths)
 
 
 def matmul_params(cfg: SoloConfig) -> int:
@@ -207,21 +205,18 @@ def matmul_params(cfg: SoloConfig) -> int:
 
 
 def model_flops(cfg: SoloConfig, doc_lengths: Iterable[int], recompute: bool = False) -> float:
-    """Training FLOPs (forward + backward) for a set of documents:
+    """Training FLOPs (forward + backward) for a set of documents, by the trainer's formula (ONE formula for the
+    logged MFU and this estimate: ``megatron_solo.training.metrics.training_flops``):
     ``6 * matmul_params * tokens + 12 * layers * heads * head_dim * attention_pairs``
-    (QK^T and AV: 2 matmuls x 2 FLOPs per multiply-add per pair, x3 for forward + backward).
+    (QK^T and AV: 2 matmuls x 2 FLOPs per multiply-add per pair, x3 for forward + backward); the patch projector
+    (3072 x h per patch, < 0.2% of solo-7b's per-token matmuls) is left out here.
     ``recompute=True`` adds one more forward of the transformer layers (hardware FLOPs under full recompute, for
     HFU; MFU uses the model FLOPs)."""
     lengths = [int(x) for x in doc_lengths]
-    tokens = sum(lengths)
-    attn_fwd = (
-        4 * cfg.num_layers * cfg.num_attention_heads * cfg.kv_channels * attention_pairs(lengths, cfg.sliding_window)
-    )
-    dense_fwd = 2 * matmul_params(cfg) * tokens
-    total = 3 * (dense_fwd + attn_fwd)
+    total = training_flops(cfg, lengths, n_patches=0)
     if recompute:
-        layer_dense_fwd = dense_fwd - 2 * param_counts(cfg, cfg.tensor_model_parallel_size)["output_layer"] * tokens
-        total += layer_dense_fwd + attn_fwd
+        output_layer_fwd = 2 * param_counts(cfg, cfg.tensor_model_parallel_size)["output_layer"] * sum(lengths)
+        total += total / 3 - output_layer_fwd
     return float(total)
 
 
