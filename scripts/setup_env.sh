@@ -22,5 +22,5 @@ _spec="."
 [ -n "$_solo_extras" ] && _spec=".[$_solo_extras]"
 echo "[setup] pip install -e $_spec (builds megatron_solo._C)"
 (cd "$_solo_root" && python -m pip install -q -e "$_spec" 2>&1 | grep -v "^WARNING: Location" || true)
-python -c "import megatron_solo._C, megatron.core, torch; print(f'[setup] ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}')"
+python -W ignore -c "import megatron_solo._C, megatron.core, torch; print(f'[setup] ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}')"
 set +euo pipefail
