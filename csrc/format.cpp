@@ -1,6 +1,10 @@
 // SOLO patchify / unpatchify / image token layout (see format.h), and their pybind11 bindings.
 #include "format.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -34,9 +38,50 @@ void check_grid(int64_t n_h, int64_t n_w) {
   }
 }
 
-void patchify(const uint8_t* img, int64_t height, int64_t width, uint8_t* out) {
-  check_image_shape(height, width);
-  const int64_t n_h = height / kPatchSize, n_w = width / kPatchSize;
+namespace {
+
+// One patch row: 32 interleaved RGB pixels (96 bytes) -> 32 bytes each of r, g, b.
+void deinterleave_row(const uint8_t* src, uint8_t* r, uint8_t* g, uint8_t* b) {
+  for (int64_t x = 0; x < kPatchSize; ++x) {
+    r[x] = src[3 * x];
+    g[x] = src[3 * x + 1];
+    b[x] = src[3 * x + 2];
+  }
+}
+
+#if defined(__x86_64__)
+// Same with SSSE3 byte shuffles: 16 pixels (three 16-byte loads) per step, ~10x the scalar loop.
+__attribute__((target("ssse3"))) void deinterleave_row_ssse3(const uint8_t* src, uint8_t* r, uint8_t* g,
+                                                              uint8_t* b) {
+  const __m128i r0 = _mm_setr_epi8(0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i r1 = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14, -1, -1, -1, -1, -1);
+  const __m128i r2 = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 1, 4, 7, 10, 13);
+  const __m128i g0 = _mm_setr_epi8(1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i g1 = _mm_setr_epi8(-1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15, -1, -1, -1, -1, -1);
+  const __m128i g2 = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 2, 5, 8, 11, 14);
+  const __m128i b0 = _mm_setr_epi8(2, 5, 8, 11, 14, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i b1 = _mm_setr_epi8(-1, -1, -1, -1, -1, 1, 4, 7, 10, 13, -1, -1, -1, -1, -1, -1);
+  const __m128i b2 = _mm_setr_epi8(-1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 3, 6, 9, 12, 15);
+  for (int half = 0; half < 2; ++half, src += 48, r += 16, g += 16, b += 16) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    const __m128i m = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32));
+    const __m128i vr = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(a, r0), _mm_shuffle_epi8(m, r1)),
+                                    _mm_shuffle_epi8(c, r2));
+    const __m128i vg = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(a, g0), _mm_shuffle_epi8(m, g1)),
+                                    _mm_shuffle_epi8(c, g2));
+    const __m128i vb = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(a, b0), _mm_shuffle_epi8(m, b1)),
+                                    _mm_shuffle_epi8(c, b2));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(r), vr);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(g), vg);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(b), vb);
+  }
+}
+#endif
+
+template <typename Row>
+inline __attribute__((always_inline)) void patchify_loop(const uint8_t* img, int64_t width, int64_t n_h, int64_t n_w,
+                                                         uint8_t* out, Row row) {
   const int64_t plane = kPatchSize * kPatchSize;
   for (int64_t i = 0; i < n_h; ++i) {
     for (int64_t j = 0; j < n_w; ++j) {
@@ -44,16 +89,32 @@ void patchify(const uint8_t* img, int64_t height, int64_t width, uint8_t* out) {
       for (int64_t y = 0; y < kPatchSize; ++y) {
         const uint8_t* src = img + ((i * kPatchSize + y) * width + j * kPatchSize) * kChannels;
         uint8_t* r = patch + y * kPatchSize;
-        uint8_t* g = r + plane;
-        uint8_t* b = g + plane;
-        for (int64_t x = 0; x < kPatchSize; ++x) {
-          r[x] = src[3 * x];
-          g[x] = src[3 * x + 1];
-          b[x] = src[3 * x + 2];
-        }
+        row(src, r, r + plane, r + 2 * plane);
       }
     }
   }
+}
+
+#if defined(__x86_64__)
+__attribute__((target("ssse3"))) void patchify_ssse3(const uint8_t* img, int64_t width, int64_t n_h, int64_t n_w,
+                                                     uint8_t* out) {
+  patchify_loop(img, width, n_h, n_w, out, deinterleave_row_ssse3);
+}
+const bool kHasSsse3 = [] {
+  __builtin_cpu_init();  // required before __builtin_cpu_supports in a static initialiser
+  return __builtin_cpu_supports("ssse3") != 0;
+}();
+#endif
+
+}  // namespace
+
+void patchify(const uint8_t* img, int64_t height, int64_t width, uint8_t* out) {
+  check_image_shape(height, width);
+  const int64_t n_h = height / kPatchSize, n_w = width / kPatchSize;
+#if defined(__x86_64__)
+  if (kHasSsse3) return patchify_ssse3(img, width, n_h, n_w, out);
+#endif
+  patchify_loop(img, width, n_h, n_w, out, deinterleave_row);
 }
 
 void unpatchify(const uint8_t* patches, int64_t n_h, int64_t n_w, uint8_t* out) {

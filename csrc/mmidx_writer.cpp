@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <limits>
@@ -15,7 +16,9 @@ namespace {
 
 constexpr char kIndexHeader[9] = {'M', 'M', 'I', 'D', 'I', 'D', 'X', '\0', '\0'};
 constexpr uint64_t kIndexVersion = 1;
-constexpr size_t kStdioBuffer = size_t{4} << 20;
+constexpr size_t kStdioBuffer = size_t{1} << 20;
+constexpr size_t kDirectWrite = size_t{64} << 10;  // appends of at least this many bytes bypass the stdio buffer
+constexpr size_t kHashChunk = size_t{128} << 10;
 
 [[noreturn]] void throw_errno(const std::string& what, const std::string& path) {
   throw std::runtime_error(what + " " + path + ": " + std::strerror(errno));
@@ -74,8 +77,29 @@ MMIdxWriter::MMIdxWriter(const std::string& prefix, MMIdxDType dtype)
 MMIdxWriter::~MMIdxWriter() { abort(); }
 
 void MMIdxWriter::write_bytes(const void* data, size_t n) {
-  write_all(bin_, data, n, temp_path_for(bin_path_));
+  // Small writes go through the stdio buffer; large ones (image patches) straight to the file, so each byte is
+  // copied once (into the page cache). Hashing runs in chunks just before each chunk is written, while it is in cache.
+  const auto* p = static_cast<const uint8_t*>(data);
   offset_ += static_cast<int64_t>(n);
+  if (n < kDirectWrite) {
+    bin_hash_.update(p, n);
+    write_all(bin_, p, n, temp_path_for(bin_path_));
+    return;
+  }
+  if (std::fflush(bin_) != 0) throw_errno("cannot write", temp_path_for(bin_path_));
+  const int fd = ::fileno(bin_);
+  while (n > 0) {
+    const size_t chunk = std::min(n, kHashChunk);
+    bin_hash_.update(p, chunk);
+    for (size_t done = 0; done < chunk;) {
+      const ssize_t w = ::write(fd, p + done, chunk - done);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) throw_errno("cannot write", temp_path_for(bin_path_));
+      done += static_cast<size_t>(w);
+    }
+    p += chunk;
+    n -= chunk;
+  }
 }
 
 void MMIdxWriter::begin_sequence() {
@@ -114,25 +138,32 @@ void MMIdxWriter::finish() {
   flush_and_fsync(bin_, temp_path_for(bin_path_));
   std::fclose(bin_);
   bin_ = nullptr;
+  bin_digest_ = bin_hash_.hexdigest();
 
   const std::string tmp = temp_path_for(idx_path_);
   FILE* idx = std::fopen(tmp.c_str(), "wb");
   if (idx == nullptr) throw_errno("cannot create", tmp);
+  Sha256 idx_hash;
+  auto put = [&](const void* data, size_t n) {
+    idx_hash.update(data, n);
+    write_all(idx, data, n, tmp);
+  };
   try {
     const uint64_t n_seq = lengths_.size();
     const uint64_t n_doc = n_seq + 1;
     const uint8_t code = static_cast<uint8_t>(dtype_);
-    write_all(idx, kIndexHeader, sizeof(kIndexHeader), tmp);
-    write_all(idx, &kIndexVersion, sizeof(kIndexVersion), tmp);  // little-endian hosts only (x86-64, aarch64)
-    write_all(idx, &code, 1, tmp);
-    write_all(idx, &n_seq, sizeof(n_seq), tmp);
-    write_all(idx, &n_doc, sizeof(n_doc), tmp);
-    write_all(idx, lengths_.data(), lengths_.size() * sizeof(int32_t), tmp);
-    write_all(idx, pointers_.data(), pointers_.size() * sizeof(int64_t), tmp);
+    put(kIndexHeader, sizeof(kIndexHeader));
+    put(&kIndexVersion, sizeof(kIndexVersion));  // little-endian hosts only (x86-64, aarch64)
+    put(&code, 1);
+    put(&n_seq, sizeof(n_seq));
+    put(&n_doc, sizeof(n_doc));
+    put(lengths_.data(), lengths_.size() * sizeof(int32_t));
+    put(pointers_.data(), pointers_.size() * sizeof(int64_t));
     std::vector<int64_t> doc_idx(n_doc);
     for (uint64_t i = 0; i < n_doc; ++i) doc_idx[i] = static_cast<int64_t>(i);
-    write_all(idx, doc_idx.data(), doc_idx.size() * sizeof(int64_t), tmp);
+    put(doc_idx.data(), doc_idx.size() * sizeof(int64_t));
     flush_and_fsync(idx, tmp);
+    idx_digest_ = idx_hash.hexdigest();
   } catch (...) {
     std::fclose(idx);
     throw;

@@ -12,6 +12,9 @@
 //   i64[S+1] document_indices
 // .bin: the sequences' elements back to back.
 //
+// Checksums: the SHA-256 of both files is computed from the bytes as they are written (no read-back pass);
+// bin_sha256()/idx_sha256() are valid after finish().
+//
 // Crash safety: both files are written under temporary names ({path}.tmp), fsynced by finish(), and only
 // commit() renames them to their final names. abort() (and the destructor, unless committed) removes them.
 #pragma once
@@ -20,6 +23,8 @@
 #include <cstdio>
 #include <string>
 #include <vector>
+
+#include "sha256.h"
 
 namespace solo {
 
@@ -57,6 +62,8 @@ class MMIdxWriter {
   int64_t bytes_written() const { return offset_; }
   const std::string& bin_path() const { return bin_path_; }
   const std::string& idx_path() const { return idx_path_; }
+  const std::string& bin_sha256() const { return bin_digest_; }  // after finish()
+  const std::string& idx_sha256() const { return idx_digest_; }  // after finish()
 
  private:
   void write_bytes(const void* data, size_t n);
@@ -70,6 +77,8 @@ class MMIdxWriter {
   int64_t seq_start_ = -1;    // byte offset of the open sequence, -1 when none is open
   std::vector<int32_t> lengths_;
   std::vector<int64_t> pointers_;
+  Sha256 bin_hash_;
+  std::string bin_digest_, idx_digest_;
   bool finished_ = false, committed_ = false;
 };
 

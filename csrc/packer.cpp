@@ -18,6 +18,7 @@
 #include <stdexcept>
 
 #include "format.h"
+#include "sha256.h"
 
 namespace py = pybind11;
 
@@ -198,6 +199,44 @@ constexpr int64_t kPatchRowsPerTask = 8;  // patchify work unit: 8 patch rows of
 
 }  // namespace
 
+// ===================================================================================== BufferPool
+ByteBuffer BufferPool::take(size_t n) {
+  ByteBuffer b;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    // The most recently released buffer that is large enough (warm in cache, pages already mapped).
+    for (size_t i = free_.size(); i-- > 0;) {
+      if (free_[i].capacity() >= n) {
+        b = std::move(free_[i]);
+        free_[i] = std::move(free_.back());
+        free_.pop_back();
+        bytes_ -= b.capacity();
+        break;
+      }
+    }
+  }
+  if (b.capacity() < n) b = ByteBuffer();  // too small (or none): allocate fresh; never copy the old contents
+  b.resize(n);  // no initialisation (DefaultInitAllocator): patchify overwrites every byte
+  return b;
+}
+
+void BufferPool::give(ByteBuffer&& b) {
+  if (b.capacity() == 0) return;
+  ByteBuffer drop;  // freed outside the lock
+  std::lock_guard<std::mutex> lock(mu_);
+  if (bytes_ + b.capacity() <= kMaxBytes) {
+    bytes_ += b.capacity();
+    free_.push_back(std::move(b));
+  } else {
+    drop = std::move(b);
+  }
+}
+
+BufferPool& patch_buffers() {
+  static BufferPool* pool = new BufferPool();  // leaked on purpose: no destruction-order issues at exit
+  return *pool;
+}
+
 ShardBuilder::ShardBuilder(ShardBuilderConfig config)
     : cfg_(std::move(config)), planner_(cfg_.seq_length, cfg_.buffer_docs) {
   check_ids(cfg_);
@@ -260,7 +299,7 @@ void ShardBuilder::add_document(const std::string& record_id, const std::vector<
   // 2. Lay out tokens; patchify images (in parallel strips of patch rows).
   auto doc = std::make_unique<Doc>();
   doc->tokens.resize(static_cast<size_t>(total));
-  doc->patches.resize(static_cast<size_t>(n_patches * kPatchDim));
+  doc->patches = patch_buffers().take(static_cast<size_t>(n_patches * kPatchDim));
   doc->n_images = n_images;
   doc->n_patches = n_patches;
   doc->n_vision_tokens = image_tokens;
@@ -415,6 +454,7 @@ void ShardBuilder::writer_loop() {
     }
     try {
       write_pack(job);
+      for (auto& d : job.docs) patch_buffers().give(std::move(d->patches));
     } catch (...) {
       std::lock_guard<std::mutex> lock(q_mu_);
       writer_error_ = std::current_exception();
@@ -492,10 +532,14 @@ ShardStats ShardBuilder::finish() {
   docs_w_->finish();
 
   const std::string tmp = temp_path_for(sidecar_path_);
+  std::string json_sha;
   {
     FILE* f = std::fopen(tmp.c_str(), "wb");
     if (f == nullptr) throw std::runtime_error("cannot create " + tmp + ": " + std::strerror(errno));
     const std::string json = sidecar_json(stats_);
+    Sha256 json_hash;
+    json_hash.update(json.data(), json.size());
+    json_sha = json_hash.hexdigest();
     const bool ok = std::fwrite(json.data(), 1, json.size(), f) == json.size() && std::fflush(f) == 0 &&
                     ::fsync(::fileno(f)) == 0;
     std::fclose(f);
@@ -510,6 +554,17 @@ ShardStats ShardBuilder::finish() {
   }
   fsync_parent_dir(sidecar_path_);
   finished_ = true;
+  // File checksums, computed while writing; the order and names of data/shards.py shard_files().
+  const auto slash = cfg_.out_prefix.find_last_of('/');
+  const std::string base = slash == std::string::npos ? cfg_.out_prefix : cfg_.out_prefix.substr(slash + 1);
+  const std::pair<const char*, const MMIdxWriter*> parts[] = {
+      {"tokens", tokens_w_.get()}, {"patches", patches_w_.get()}, {"docs", docs_w_.get()}};
+  stats_.files.clear();
+  for (const auto& [part, w] : parts) {
+    stats_.files.emplace_back(base + "." + part + ".bin", w->bin_sha256());
+    stats_.files.emplace_back(base + "." + part + ".idx", w->idx_sha256());
+  }
+  stats_.files.emplace_back(base + ".json", json_sha);
   return stats_;
 }
 
@@ -564,6 +619,9 @@ py::dict stats_to_dict(const solo::ShardStats& s) {
   py::list rejected;
   for (const auto& r : s.rejected) rejected.append(py::make_tuple(r.first, r.second));
   d["rejected"] = rejected;
+  py::dict files;
+  for (const auto& f : s.files) files[py::str(f.first)] = f.second;
+  d["files"] = files;
   return d;
 }
 
@@ -592,7 +650,7 @@ void py_add_document(solo::ShardBuilder& b, const std::string& record_id, const 
     const char kind = a.dtype().kind();
     solo::DocItem item;
     if (a.ndim() == 1 && (kind == 'i' || kind == 'u')) {
-      if (a.dtype().is(py::dtype::of<int32_t>())) {
+      if (py::array_t<int32_t>::check_(a)) {  // dtype equivalence, not identity (unpickled arrays)
         auto c = py::array_t<int32_t, py::array::c_style>::ensure(a);
         item.tokens = c.data();
         item.n_tokens = c.shape(0);
@@ -612,7 +670,7 @@ void py_add_document(solo::ShardBuilder& b, const std::string& record_id, const 
         item.tokens = converted.back().data();
         item.n_tokens = static_cast<int64_t>(converted.back().size());
       }
-    } else if (a.ndim() == 3 && a.dtype().is(py::dtype::of<uint8_t>()) && a.shape(2) == 3) {
+    } else if (a.ndim() == 3 && py::array_t<uint8_t>::check_(a) && a.shape(2) == 3) {
       auto c = py::array_t<uint8_t, py::array::c_style>::ensure(a);
       item.pixels = c.data();
       item.height = c.shape(0);
@@ -750,6 +808,23 @@ void register_packer(py::module_& m) {
         b.abort();  // no-op after finish(); a with-block left without finish() leaves no shard
         return false;
       });
+
+  m.def(
+      "sha256",
+      [](const py::buffer& data, bool portable) {
+        const py::buffer_info info = data.request();
+        if (!PyBuffer_IsContiguous(info.view(), 'C')) {
+          throw std::invalid_argument("sha256: the buffer must be C-contiguous");
+        }
+        py::gil_scoped_release nogil;
+        solo::Sha256 h(portable);
+        h.update(info.ptr, static_cast<size_t>(info.size * info.itemsize));
+        return h.hexdigest();
+      },
+      py::arg("data"), py::arg("portable") = false,
+      "hex SHA-256 of a contiguous buffer: the routine the ShardBuilder checksums its files with (portable=True: "
+      "skip the SHA-NI path; for tests).");
+  m.attr("SHA256_HARDWARE") = solo::Sha256::hardware_accelerated();
 
   m.def("plan_packs", &py_plan_packs, py::arg("lengths"), py::arg("seq_length"), py::arg("buffer_docs") = 4096,
         py::arg("long_text") = "split", py::arg("slack") = -1,

@@ -73,6 +73,22 @@ struct DefaultInitAllocator : std::allocator<T> {
 using ByteBuffer = std::vector<uint8_t, DefaultInitAllocator<uint8_t>>;
 using TokenBuffer = std::vector<int32_t, DefaultInitAllocator<int32_t>>;
 
+// Process-wide free list of patch buffers: a written document's buffer is reused by a later document (of this or a
+// later builder), so steady-state packing neither page-faults fresh memory in nor hands it back to the OS. Holds at
+// most kMaxBytes of released buffers.
+class BufferPool {
+ public:
+  ByteBuffer take(size_t n);  // size n, contents unspecified
+  void give(ByteBuffer&& b);
+  static constexpr size_t kMaxBytes = size_t{256} << 20;
+
+ private:
+  std::mutex mu_;
+  std::vector<ByteBuffer> free_;
+  size_t bytes_ = 0;
+};
+BufferPool& patch_buffers();
+
 // ---------------------------------------------------------------------------------------------------------------
 struct ShardBuilderConfig {
   std::string out_prefix;
@@ -100,6 +116,7 @@ struct ShardStats {
   int64_t tokens_total = 0, tokens_text = 0, tokens_vision = 0, pad_tokens = 0, slots = 0;
   int64_t text_docs_split = 0;
   std::vector<std::pair<std::string, std::string>> rejected;  // (record_id, reason)
+  std::vector<std::pair<std::string, std::string>> files;  // finish(): (file name, sha256 hex), shard_files() order
 };
 
 // A small fixed pool; parallel_for runs fn(0..n-1) on the pool plus the calling thread and waits.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-# Files whose tests exercise megatron-core directly (model, TP, trainer): CI runs them on 0.16.1 AND 0.19.2.
-MCORE_VERSION_SENSITIVE = ("test_tp_parity", "test_model", "test_training", "test_platform")
+# Files whose tests exercise megatron-core directly (model, TP, trainer, conversion): CI runs them on 0.16.1 AND 0.19.2.
+MCORE_VERSION_SENSITIVE = ("test_tp_parity", "test_model", "test_training", "test_platform", "test_convert")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -126,19 +126,9 @@ def _ordered_results(
             yield from zip(idx, fut.result())
 
 
-_U8, _I32 = np.dtype(np.uint8), np.dtype(np.int32)
-
-
-def _canonical(items: list) -> list[np.ndarray]:
-    """Map handed-off images; re-view unpickled arrays with numpy's canonical dtype objects (``_C`` matches dtypes
-    by identity, and an array that crossed a process boundary carries an equal but distinct dtype instance)."""
-    out = []
-    for it in items:
-        if handoff.is_token(it):
-            out.append(handoff.load(it))
-        else:
-            out.append(it.view(_U8) if it.dtype == _U8 else it.view(_I32) if it.dtype == _I32 else it)
-    return out
+def _arrays(items: list) -> list[np.ndarray]:
+    """The document's arrays, with handed-off images mapped from their tmpfs files."""
+    return [handoff.load(it) if handoff.is_token(it) else it for it in items]
 
 
 def _count_skip(group: dict, reason: str, record_id: str, detail: str = "") -> None:
@@ -152,7 +142,8 @@ def _count_skip(group: dict, reason: str, record_id: str, detail: str = "") -> N
 
 
 def _finish_shard(out: Path, group: dict, end: int) -> dict:
-    """Finish one shard group's builder (GIL released), checksum its files; returns its progress entry."""
+    """Finish one shard group's builder (GIL released); returns its progress entry. The file checksums come from
+    the builder, which hashes the bytes as it writes them (the same sha256 that ``mf.verify_checksums`` reads back)."""
     b, name = group["builder"], group["name"]
     if group["docs"]:
         stats = b.finish()
@@ -166,7 +157,7 @@ def _finish_shard(out: Path, group: dict, end: int) -> dict:
             f.unlink()
         files = {}
     else:
-        files = mf.shard_checksums(out, name)
+        files = stats.pop("files")
     return {
         "name": name,
         "records": [group["first"], end],
@@ -355,7 +346,8 @@ def build(cfg: BuildConfig) -> dict:
             if res.reason is not None:
                 _count_skip(state, res.reason, res.record_id, res.detail)
             else:
-                state["builder"].add_document(res.record_id, _canonical(res.items))
+                state["builder"].add_document(res.record_id, _arrays(res.items))
+                handoff.release(res.items)  # the packer copied the pixels: the workers may reuse their slots
                 state["docs"] += 1
                 state["tokens"] += res.n_tokens
             bar.update(res)
@@ -375,6 +367,7 @@ def build(cfg: BuildConfig) -> dict:
         results.close()  # stops the worker pool (waits for chunks in flight) before their handoff files are removed
         closer.shutdown(wait=True)
         bar.close()
+        handoff.forget_maps()
         handoff.remove_own(handoff_dir, os.getpid())
 
     manifest = make_manifest(cfg, tok, sources, key, progress["shards"])

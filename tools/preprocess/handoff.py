@@ -1,10 +1,17 @@
 """Hand resized images from the worker processes to the parent through tmpfs files instead of the result pipe.
 
 Pickling a 512x512 image through ``concurrent.futures`` costs about as much CPU as decoding it (four copies and fresh
-buffers on both sides). Instead a worker writes the pixels to ``/dev/shm/solo_pp_<parent>_<worker>_<n>`` and sends
-only ``(path, shape)``; the parent maps the file read-only, unlinks it at once and gives the mapped array to the
-packer (which copies it into its own buffer). Files of a build whose parent died (``kill -9``) are removed by the
-next build (``remove_stale``).
+buffers on both sides). Instead a worker copies the pixels into shared memory and sends only ``(kind, path, shape)``.
+
+``export_slot`` (what the build uses): each worker keeps a set of reusable tmpfs files ("slots",
+``/dev/shm/solo_pp_<parent>_<worker>_s<k>_<random>``), mapped by both sides. Byte 0 of a slot is its busy flag: the
+worker sets it and copies the pixels in; the parent maps the slot once (cached), gives the view to the packer (which
+copies it into its own buffer) and clears the flag (``release``). Reusing mapped pages saves the page allocation,
+zeroing and faults a fresh file costs on both sides. When a worker's slots are all busy and hold
+``MAX_SLOT_BYTES``, it falls back to ``export``: a one-shot file that the parent maps and unlinks at once.
+
+Files of a build whose parent died (``kill -9``) are removed by the next build (``remove_stale``); a build removes its
+own at the end (``remove_own``).
 """
 
 from __future__ import annotations
@@ -12,13 +19,30 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 PREFIX = "solo_pp_"
 MIN_BYTES = 1 << 17  # smaller images (a 128x128 one is 48 KB) are cheaper to pickle than a file create + map
+SLOT_HEADER = 64  # byte 0: busy flag; pixels start at this offset (cache-line aligned)
+SLOT_GRAIN = 1 << 20  # slot sizes are rounded up to this
+MAX_SLOT_BYTES = 256 << 20  # per worker; beyond it (all busy) images go through one-shot files
 _counter = itertools.count()
+
+
+@dataclass
+class _Slot:
+    path: str
+    mm: mmap.mmap
+    capacity: int
+
+
+_slots: list[_Slot] = []  # worker side: this process's slots
+_slot_bytes = 0
+_maps: dict[str, mmap.mmap] = {}  # parent side: slot path -> shared mapping
 
 
 def default_dir() -> str:
@@ -44,16 +68,61 @@ def export(img: np.ndarray, directory: str, parent_pid: int) -> tuple[str, str, 
     return ("handoff", path, tuple(img.shape))
 
 
+def _new_slot(nbytes: int, directory: str, parent_pid: int) -> _Slot | None:
+    global _slot_bytes
+    capacity = -(-nbytes // SLOT_GRAIN) * SLOT_GRAIN
+    if _slot_bytes + capacity > MAX_SLOT_BYTES:
+        return None
+    name = f"{PREFIX}{parent_pid}_{os.getpid()}_s{len(_slots)}_{secrets.token_hex(4)}"  # never a reused name
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, SLOT_HEADER + capacity)
+        mm = mmap.mmap(fd, SLOT_HEADER + capacity)
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    _slot_bytes += capacity
+    slot = _Slot(path, mm, capacity)
+    _slots.append(slot)
+    return slot
+
+
+def export_slot(img: np.ndarray, directory: str, parent_pid: int) -> tuple[str, str, tuple[int, ...]]:
+    """Worker side: copy ``img`` into a free reusable slot (or, none free, a one-shot file); returns the token."""
+    n = img.nbytes
+    slot = next((s for s in _slots if s.capacity >= n and s.mm[0] == 0), None)
+    if slot is None:
+        slot = _new_slot(n, directory, parent_pid)
+        if slot is None:
+            return export(img, directory, parent_pid)
+    slot.mm[0] = 1
+    np.frombuffer(slot.mm, np.uint8, n, SLOT_HEADER).reshape(img.shape)[...] = img
+    return ("slot", slot.path, tuple(img.shape))
+
+
 def is_token(item: object) -> bool:
-    return isinstance(item, tuple) and len(item) == 3 and item[0] == "handoff"
+    return isinstance(item, tuple) and len(item) == 3 and item[0] in ("handoff", "slot")
 
 
 def load(token: tuple[str, str, tuple[int, ...]]) -> np.ndarray:
-    """Parent side: a read-only uint8 view of the file (mapped; the file is unlinked immediately)."""
-    _, path, shape = token
+    """Parent side: a uint8 view of the pixels. One-shot files are mapped read-only and unlinked immediately; slots
+    stay mapped (cached) and must be handed back with ``release`` once the pixels are consumed."""
+    kind, path, shape = token
+    size = int(np.prod(shape))
+    if kind == "slot":
+        mm = _maps.get(path)
+        if mm is None:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                mm = _maps[path] = mmap.mmap(fd, 0)
+            finally:
+                os.close(fd)
+        return np.frombuffer(mm, np.uint8, size, SLOT_HEADER).reshape(shape)
     fd = os.open(path, os.O_RDONLY)
     try:
-        size = int(np.prod(shape))
         mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
@@ -61,11 +130,27 @@ def load(token: tuple[str, str, tuple[int, ...]]) -> np.ndarray:
     return np.frombuffer(mm, dtype=np.uint8).reshape(shape)
 
 
+def release(items: list) -> None:
+    """Parent side, after the pixels were copied out: hand the result's slots back to their workers."""
+    for it in items:
+        if is_token(it) and it[0] == "slot":
+            _maps[it[1]][0] = 0
+
+
 def discard(items: list) -> None:
-    """Parent side: unlink the files of a result that is not used."""
+    """Parent side: free the handoff files of a result that is not used."""
     for it in items:
         if is_token(it):
-            Path(it[1]).unlink(missing_ok=True)
+            if it[0] == "slot":
+                load(it)  # maps it if needed
+                release([it])
+            else:
+                Path(it[1]).unlink(missing_ok=True)
+
+
+def forget_maps() -> None:
+    """Parent side, end of a build: drop the slot mappings (unmapped once no view references them)."""
+    _maps.clear()
 
 
 def remove_own(directory: str, parent_pid: int) -> None:

@@ -42,7 +42,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def shard_checksums(out_dir: Path, name: str) -> dict[str, str]:
-    """sha256 of each of the shard's seven files, keyed by file name (relative to the shard-set directory)."""
+    """sha256 of each of the shard's seven files read back from disk, keyed by file name (relative to the shard-set
+    directory). The build takes the same digests from ``ShardBuilder.finish()["files"]`` (hashed while writing)."""
     return {Path(f).name: sha256_file(f) for f in shard_files(out_dir / name)}
 
 

@@ -243,7 +243,7 @@ def process_chunk(records: list[Record]) -> list[Result]:
     if _cfg is not None and _cfg.handoff_dir:
         for res in results:
             res.items = [
-                handoff.export(it, _cfg.handoff_dir, _cfg.parent_pid)
+                handoff.export_slot(it, _cfg.handoff_dir, _cfg.parent_pid)
                 if it.dtype == np.uint8 and it.nbytes >= handoff.MIN_BYTES
                 else it
                 for it in res.items

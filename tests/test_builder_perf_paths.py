@@ -1,0 +1,86 @@
+"""The builder's fast paths against independent references: the C++ SHA-256 (both code paths) vs hashlib, the
+checksums ``ShardBuilder.finish`` reports vs hashlib over the files on disk, unpickled arrays (equal but not
+identical dtypes) accepted, and the worker -> parent slot handoff (reuse, busy flag, fallback)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from megatron_solo import _C
+from megatron_solo.data.shards import shard_files
+from tools.preprocess import handoff
+from tools.preprocess import manifest as mf
+
+IDS = dict(bos_id=1, eos_id=2, pad_id=0, vision_id=500, vpatch_id=501, row_sep_id=502, vision_end_id=503)
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_sha256_matches_hashlib(portable):
+    rng = np.random.default_rng(0)
+    for n in [*range(0, 130), 191, 192, 4095, 65536 + 7, 1 << 20]:
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert _C.sha256(data, portable=portable) == hashlib.sha256(data).hexdigest(), n
+    arr = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    assert _C.sha256(arr) == hashlib.sha256(arr.tobytes()).hexdigest()
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _C.sha256(arr[:, ::2])
+
+
+def test_finish_reports_the_sha256_of_each_written_file(tmp_path):
+    rng = np.random.default_rng(1)
+    b = _C.ShardBuilder(str(tmp_path / "shard_00000"), 512, buffer_docs=8, **IDS)
+    for i in range(40):
+        items = [rng.integers(3, 400, int(rng.integers(1, 60)), dtype=np.int32)]
+        if i % 3 == 0:
+            items.append(rng.integers(0, 256, (32 * int(rng.integers(1, 4)), 64, 3), dtype=np.uint8))
+        # Arrays that crossed a process boundary carry equal but distinct dtype objects: accepted as they are.
+        b.add_document(f"r{i}", pickle.loads(pickle.dumps(items)))
+    stats = b.finish()
+    assert stats["documents"] == 40 and stats["images"] == 14
+    want = {
+        os.path.basename(f): hashlib.sha256(open(f, "rb").read()).hexdigest()
+        for f in shard_files(tmp_path / "shard_00000")
+    }
+    assert stats["files"] == want == mf.shard_checksums(tmp_path, "shard_00000")
+    assert list(stats["files"]) == list(want)  # shard_files() order
+
+
+def test_big_endian_tokens_are_converted_not_misread(tmp_path):
+    b = _C.ShardBuilder(str(tmp_path / "s"), 64, **IDS)
+    b.add_document("be", [np.arange(3, 10, dtype=">i4")])
+    b.finish()
+    tokens = np.fromfile(tmp_path / "s.tokens.bin", dtype=np.int32)
+    assert tokens[:9].tolist() == [1, 3, 4, 5, 6, 7, 8, 9, 2]
+
+
+def test_slot_handoff_reuses_slots_and_honours_the_busy_flag(tmp_path, monkeypatch):
+    monkeypatch.setattr(handoff, "_slots", [])
+    monkeypatch.setattr(handoff, "_slot_bytes", 0)
+    monkeypatch.setattr(handoff, "_maps", {})
+    rng = np.random.default_rng(2)
+    a, b = (rng.integers(0, 256, (320, 288, 3), dtype=np.uint8) for _ in range(2))
+    d, pid = str(tmp_path), os.getpid()
+    ta = handoff.export_slot(a, d, pid)
+    tb = handoff.export_slot(b, d, pid)  # a's slot is busy: a second slot
+    assert ta[0] == tb[0] == "slot" and ta[1] != tb[1]
+    np.testing.assert_array_equal(handoff.load(ta), a)
+    np.testing.assert_array_equal(handoff.load(tb), b)
+    handoff.release([ta])
+    tc = handoff.export_slot(b[::-1].copy(), d, pid)  # reuses a's slot, now free
+    assert tc[1] == ta[1] and len(os.listdir(d)) == 2
+    np.testing.assert_array_equal(handoff.load(tc), b[::-1])
+    np.testing.assert_array_equal(handoff.load(tb), b)  # untouched
+    # All slots busy and the byte cap reached: a one-shot file, unlinked when loaded.
+    monkeypatch.setattr(handoff, "MAX_SLOT_BYTES", handoff._slot_bytes)
+    td = handoff.export_slot(a, d, pid)
+    assert td[0] == "handoff"
+    np.testing.assert_array_equal(handoff.load(td), a)
+    assert not os.path.exists(td[1])
+    handoff.forget_maps()
+    handoff.remove_own(d, pid)
+    assert os.listdir(d) == []
