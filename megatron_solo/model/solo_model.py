@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
@@ -55,6 +56,8 @@ class _FillPaddedColumns(torch.autograd.Function):
 
 class SoloModel(MegatronModule):
     """GPTModel (``self.language_model``) + PatchProjector (``self.vision_projector``)."""
+
+    model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules (get_forward_backward_func)
 
     def __init__(
         self,
