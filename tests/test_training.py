@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,10 @@ def _torchrun(nproc: int, flags: list[str], metrics: Path, env: dict | None = No
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         str(REPO / "pretrain_solo.py"), *flags, "--metrics-log", str(metrics),
     ]  # fmt: skip
+    full_env["SOLO_TEST_RUN_ID"] = str(metrics)  # finds every process of this run afterwards (see _survivors)
     log = metrics.with_suffix(".log")
-    # Own session + output to a file: a SIGKILLed rank leaves its dist_checkpointing writer (a multiprocessing
-    # Manager child) orphaned; it would hold a pipe open. The whole group is killed once torchrun is done.
+    # Own session + output to a file; afterwards torchrun's whole group is killed as a safety net, but first
+    # `_survivors` records any process of the run still alive (none may be: see test_kill9_...).
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             cmd, cwd=REPO, env=full_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
@@ -58,16 +60,35 @@ def _torchrun(nproc: int, flags: list[str], metrics: Path, env: dict | None = No
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = -9
-        finally:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        survivors = _survivors(str(metrics)) if rc != -9 else ["launch timed out"]
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     out = log.read_text()
     records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
     losses = {r["iteration"]: r["loss"] for r in records if r["kind"] == "train"}
     valid = {r["iteration"]: r["valid_overall"] for r in records if r["kind"] == "valid"}
-    return {"rc": rc, "out": out, "losses": losses, "valid": valid}
+    return {"rc": rc, "out": out, "losses": losses, "valid": valid, "survivors": survivors}
+
+
+def _survivors(run_id: str, grace_s: float = 15.0) -> list[str]:
+    """Processes of a finished run still alive after a grace period (Linux /proc; a rank's helper processes, e.g.
+    dist_checkpointing's writer Manager, must die with it even when the rank was SIGKILLed)."""
+    needle = f"SOLO_TEST_RUN_ID={run_id}".encode()
+    deadline = time.monotonic() + grace_s
+    while True:
+        alive = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if needle in (proc / "environ").read_bytes().split(b"\0"):
+                    cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ")[:200]
+                    alive.append(f"{proc.name}: {cmdline!r}")
+            except OSError:
+                continue
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
 
 
 def _checkpoint_weights(it_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
@@ -123,6 +144,7 @@ def runs(tmp_path_factory):
 
 def _ok(run: dict) -> None:
     assert run["rc"] == 0, run["out"][-6000:]
+    assert run["survivors"] == [], f"processes outlived the run: {run['survivors']}"
 
 
 def _close(got: dict[int, float], want: dict[int, float], iters, rtol: float = LOSS_RTOL) -> None:
@@ -167,6 +189,7 @@ def test_kill9_then_resume_continues_bit_identically(runs):
     assert "resumed from" in b2["out"] and "at iteration 3" in b2["out"], b2["out"][-3000:]
     assert sorted(b2["losses"]) == list(range(4, ITERS + 1))
     assert {i: b2["losses"][i] for i in range(4, ITERS + 1)} == {i: a[i] for i in range(4, ITERS + 1)}  # exact
+    assert b["survivors"] == [] and b2["survivors"] == [], "processes outlived the killed run"
 
 
 @pytest.mark.dist
