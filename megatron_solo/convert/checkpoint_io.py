@@ -19,8 +19,11 @@ in the iteration dir or the root.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import torch
@@ -56,6 +59,76 @@ def architecture_of(data: dict) -> dict:
     return {k: v for k, v in data.items() if k in ARCHITECTURE_FIELDS or k == "activation"}
 
 
+def iteration_dirs(root: str | os.PathLike, iteration: int) -> tuple[Path, Path]:
+    """``(final, tmp)``: the iteration dir and the temp dir a save writes into before renaming it."""
+    final = Path(root) / iter_dir_name(iteration)
+    return final, final.with_name(final.name + ".tmp")
+
+
+def begin_iteration_dir(root: str | os.PathLike, iteration: int) -> None:
+    """Rank 0, before a save: remove stale ``iter_*.tmp`` of interrupted saves and create a fresh temp dir. The
+    caller barriers before the ranks write into it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob("iter_*.tmp"):
+        shutil.rmtree(stale)
+    iteration_dirs(root, iteration)[1].mkdir()
+
+
+def commit_iteration_dir(root: str | os.PathLike, final: Path, tmp: Path, iteration: int, config, tokenizer_model=None):
+    """Rank 0, after every rank wrote into ``tmp``: add solo_config.json and the tokenizer, rename ``tmp`` to
+    ``final``, then replace the tracker. Each step is a rename, so a crash at any point leaves the previous
+    checkpoint and tracker loadable."""
+    root = Path(root)
+    (tmp / CONFIG_NAME).write_text(json.dumps(config_to_json(config), indent=2) + "\n")
+    if tokenizer_model is not None:
+        shutil.copyfile(tokenizer_model, tmp / TOKENIZER_NAME)
+        root_tok = root / TOKENIZER_NAME
+        if Path(tokenizer_model).resolve() != root_tok.resolve():
+            shutil.copyfile(tokenizer_model, root / (TOKENIZER_NAME + ".tmp"))
+            os.replace(root / (TOKENIZER_NAME + ".tmp"), root_tok)
+    if final.exists():  # re-saving the same iteration: move the old one aside first
+        old = root / (final.name + ".old.tmp")
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(tmp, final)
+    tracker_tmp = root / (TRACKER + ".tmp")
+    tracker_tmp.write_text(f"{iteration}\n")
+    os.replace(tracker_tmp, root / TRACKER)
+
+
+_WRITER_MANAGERS: list = []  # keeps our Manager alive (its finaliser would shut the queue's server down)
+
+
+def _die_with_parent() -> None:
+    """Manager-server initializer: the kernel SIGKILLs this process when its parent (the rank) dies."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the rank died before prctl took effect
+        os._exit(0)
+
+
+def writer_queue_dies_with_rank() -> None:
+    """Call before ``dist_checkpointing.save``. megatron-core's torch_dist writer (0.16-0.19) keeps its results queue
+    in a spawned multiprocessing Manager server that nothing stops when a rank is SIGKILLed (OOM killer, node
+    failure, a test's kill -9): it would live on forever. Pre-create that queue, which megatron caches in
+    ``filesystem_async._results_queue``, from a Manager whose server dies with its rank (Linux PR_SET_PDEATHSIG).
+    Elsewhere, or if megatron changes, megatron's own is used."""
+    from multiprocessing.managers import SyncManager
+
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if not sys.platform.startswith("linux") or getattr(filesystem_async, "_results_queue", False) is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)
+    _WRITER_MANAGERS.append(manager)
+    filesystem_async._results_queue = manager.Queue()
+
+
 def save_solo_checkpoint(
     model, config, out_dir: str | os.PathLike, iteration: int = 0, tokenizer_model=None, extra: dict | None = None
 ) -> Path:
@@ -68,31 +141,17 @@ def save_solo_checkpoint(
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    out_dir = Path(out_dir)
-    it_dir = out_dir / iter_dir_name(iteration)
-    tmp_dir = it_dir.with_name(it_dir.name + ".tmp")
+    final, tmp = iteration_dirs(out_dir, iteration)
     if dist.get_rank() == 0:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir)
-        tmp_dir.mkdir(parents=True)
+        begin_iteration_dir(out_dir, iteration)
     dist.barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict(), **(extra or {})}, str(tmp_dir))
+    writer_queue_dies_with_rank()
+    dist_checkpointing.save({"model": model.sharded_state_dict(), **(extra or {})}, str(tmp))
+    dist.barrier()
     if dist.get_rank() == 0:
-        (tmp_dir / CONFIG_NAME).write_text(json.dumps(config_to_json(config), indent=2) + "\n")
-        if tokenizer_model is not None:
-            shutil.copyfile(tokenizer_model, tmp_dir / TOKENIZER_NAME)
-            root_tok = out_dir / TOKENIZER_NAME
-            if Path(tokenizer_model).resolve() != root_tok.resolve():
-                shutil.copyfile(tokenizer_model, root_tok.with_name(TOKENIZER_NAME + ".tmp"))
-                os.replace(root_tok.with_name(TOKENIZER_NAME + ".tmp"), root_tok)
-        if it_dir.exists():
-            shutil.rmtree(it_dir)
-        os.replace(tmp_dir, it_dir)
-        tracker_tmp = out_dir / (TRACKER + ".tmp")
-        tracker_tmp.write_text(f"{iteration}\n")
-        os.replace(tracker_tmp, out_dir / TRACKER)
+        commit_iteration_dir(out_dir, final, tmp, iteration, config, tokenizer_model)
     dist.barrier()
-    return it_dir
+    return final
 
 
 def resolve_iteration_dir(ckpt: str | os.PathLike) -> Path:

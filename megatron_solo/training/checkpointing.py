@@ -22,12 +22,9 @@ state copy that skips ``step`` and runs under no_grad (see ``_fix_distopt_state_
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
-import shutil
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +32,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_solo.convert.checkpoint_io import (
-    CONFIG_NAME,
-    TOKENIZER_NAME,
-    TRACKER,
-    config_to_json,
-    iter_dir_name,
+    begin_iteration_dir,
+    commit_iteration_dir,
+    iteration_dirs,
     load_model_weights,
     resolve_iteration_dir,
+    writer_queue_dies_with_rank,
 )
 from megatron_solo.training.optimizer import TrainState
 
@@ -157,37 +153,6 @@ def _set_rng_state(rng: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
 
 
-_WRITER_MANAGERS: list = []  # keeps our Manager alive (its finaliser would shut the queue's server down)
-
-
-def _die_with_parent() -> None:
-    """Manager-server initializer: the kernel SIGKILLs this process when its parent (the rank) dies."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the rank died before prctl took effect
-        os._exit(0)
-
-
-def _writer_queue_dies_with_rank() -> None:
-    """megatron-core's torch_dist writer (0.16-0.19) keeps its results queue in a spawned multiprocessing Manager
-    server that nothing stops when a rank is SIGKILLed (OOM killer, node failure, a test's kill -9): it would live on
-    forever. Pre-create that queue, which megatron caches in ``filesystem_async._results_queue``, from a Manager whose
-    server dies with its rank (Linux PR_SET_PDEATHSIG). Elsewhere, or if megatron changes, megatron's own is used."""
-    from multiprocessing.managers import SyncManager
-
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-    except ImportError:
-        return
-    if not sys.platform.startswith("linux") or getattr(filesystem_async, "_results_queue", False) is not None:
-        return
-    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=_die_with_parent)
-    _WRITER_MANAGERS.append(manager)
-    filesystem_async._results_queue = manager.Queue()
-
-
 def save_checkpoint(
     save_dir: str | os.PathLike,
     state: TrainState,
@@ -203,16 +168,12 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing
 
     root = Path(save_dir)
-    final = root / iter_dir_name(state.iteration)
-    tmp = root / (final.name + ".tmp")
     rank = dist.get_rank()
+    final, tmp = iteration_dirs(root, state.iteration)
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("iter_*.tmp"):
-            shutil.rmtree(stale)
-        tmp.mkdir()
+        begin_iteration_dir(root, state.iteration)
     dist.barrier()
-    _writer_queue_dies_with_rank()
+    writer_queue_dies_with_rank()
     dist_checkpointing.save(_sharded_state(ddp, optimizer, scheduler, state, save_optim, loading=False), str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
@@ -222,7 +183,6 @@ def save_checkpoint(
             os.kill(os.getpid(), signal.SIGKILL)
         dist.barrier()
     if rank == 0:
-        (tmp / CONFIG_NAME).write_text(json.dumps(config_to_json(config), indent=2) + "\n")
         trainer = {
             "iteration": state.iteration,
             "consumed_samples": state.consumed_samples,
@@ -231,19 +191,7 @@ def save_checkpoint(
             **(layout or {}),
         }
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer, indent=2) + "\n")
-        if tokenizer_model is not None:
-            shutil.copyfile(tokenizer_model, tmp / TOKENIZER_NAME)
-            if Path(tokenizer_model).resolve() != (root / TOKENIZER_NAME).resolve():
-                shutil.copyfile(tokenizer_model, root / (TOKENIZER_NAME + ".tmp"))
-                os.replace(root / (TOKENIZER_NAME + ".tmp"), root / TOKENIZER_NAME)
-        if final.exists():  # re-saving the same iteration: move the old one aside first
-            old = root / (final.name + ".old.tmp")
-            os.replace(final, old)
-            shutil.rmtree(old)
-        os.replace(tmp, final)
-        tracker_tmp = root / (TRACKER + ".tmp")
-        tracker_tmp.write_text(f"{state.iteration}\n")
-        os.replace(tracker_tmp, root / TRACKER)
+        commit_iteration_dir(root, final, tmp, state.iteration, config, tokenizer_model)
     dist.barrier()
     return final
 
