@@ -46,14 +46,8 @@ class LaunchResult:
             )
 
 
-def launch(
-    script: str,
-    nproc: int = 2,
-    env: dict[str, str] | None = None,
-    args: list[str] | tuple[str, ...] = (),
-    timeout: int = 600,
-) -> LaunchResult:
-    """Run ``script`` (path relative to the repo root) on ``nproc`` gloo ranks; parse every rank's check lines."""
+def torchrun_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a CPU gloo launch: the repo importable, 1 thread per rank, no GPU, unbuffered output."""
     full_env = dict(os.environ)
     full_env.update(
         PYTHONPATH=os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")]),
@@ -62,10 +56,27 @@ def launch(
         PYTHONUNBUFFERED="1",
     )
     full_env.update(env or {})
-    cmd = [
+    return full_env
+
+
+def torchrun_cmd(script: str, nproc: int, args: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N <repo>/script args...`` with this Python."""
+    return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         str(REPO / script), *args,
     ]  # fmt: skip
+
+
+def launch(
+    script: str,
+    nproc: int = 2,
+    env: dict[str, str] | None = None,
+    args: list[str] | tuple[str, ...] = (),
+    timeout: int = 600,
+) -> LaunchResult:
+    """Run ``script`` (path relative to the repo root) on ``nproc`` gloo ranks; parse every rank's check lines."""
+    full_env = torchrun_env(env)
+    cmd = torchrun_cmd(script, nproc, args)
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
         returncode, output = proc.returncode, proc.stdout + proc.stderr

@@ -22,32 +22,22 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.dist import REPO, torchrun_cmd, torchrun_env
+
 ITERS = 8
 LOSS_RTOL = 1e-4
 WEIGHT_ATOL = 2e-5
 
 
 def _torchrun(nproc: int, flags: list[str], metrics: Path, env: dict | None = None, timeout: int = 300) -> dict:
-    full_env = dict(os.environ)
-    full_env.update(
-        PYTHONPATH=os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")]),
-        OMP_NUM_THREADS="1",
-        CUDA_VISIBLE_DEVICES="",
-        PYTHONUNBUFFERED="1",
-    )
-    full_env.update(env or {})
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        str(REPO / "pretrain_solo.py"), *flags, "--metrics-log", str(metrics),
-    ]  # fmt: skip
+    full_env = torchrun_env(env)
+    cmd = torchrun_cmd("pretrain_solo.py", nproc, [*flags, "--metrics-log", str(metrics)])
     full_env["SOLO_TEST_RUN_ID"] = str(metrics)  # finds every process of this run afterwards (see _survivors)
     log = metrics.with_suffix(".log")
     # Own session + output to a file; afterwards torchrun's whole group is killed as a safety net, but first

@@ -229,10 +229,9 @@ class ShardWriter:
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def export_hf(
-    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "auto", max_shard_gb: float = 4.0
-) -> Path:
-    """Convert a SOLO checkpoint to a HF dir (one process; no process group needed). Returns the HF dir."""
+def open_checkpoint(checkpoint: str | os.PathLike):
+    """(SoloConfig, tokenizer path, SoloTokenizer, CheckpointTensors) of a SOLO checkpoint root or iteration dir;
+    refuses a tokenizer whose size differs from the checkpoint's vocab."""
     from megatron_solo.format.tokens import SoloTokenizer
 
     it_dir = checkpoint_io.resolve_iteration_dir(checkpoint)
@@ -241,7 +240,14 @@ def export_hf(
     tokenizer = SoloTokenizer(tok_path)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"{tok_path}: {tokenizer.vocab_size} pieces but the checkpoint vocab is {config.vocab_size}")
-    ckpt = CheckpointTensors(it_dir)
+    return config, tok_path, tokenizer, CheckpointTensors(it_dir)
+
+
+def export_hf(
+    checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "auto", max_shard_gb: float = 4.0
+) -> Path:
+    """Convert a SOLO checkpoint to a HF dir (one process; no process group needed). Returns the HF dir."""
+    config, tok_path, tokenizer, ckpt = open_checkpoint(checkpoint)
     out_dtype = ckpt.dtype(keymap.EMBEDDING_KEY) if dtype == "auto" else DTYPES[dtype]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -266,15 +272,8 @@ def hf_model_from_checkpoint(checkpoint: str | os.PathLike, device: str = "cpu",
     checkpoint reader: one model copy plus one decoder layer in memory, never a full state dict beside the model.
     """
     from megatron_solo.convert.hf_remote.modeling_solo import SoloForCausalLM
-    from megatron_solo.format.tokens import SoloTokenizer
 
-    it_dir = checkpoint_io.resolve_iteration_dir(checkpoint)
-    config, _ = checkpoint_io.load_solo_config(it_dir)
-    tok_path = checkpoint_io.find_file(it_dir, checkpoint_io.TOKENIZER_NAME)
-    tokenizer = SoloTokenizer(tok_path)
-    if tokenizer.vocab_size != config.vocab_size:
-        raise ValueError(f"{tok_path}: {tokenizer.vocab_size} pieces but the checkpoint vocab is {config.vocab_size}")
-    ckpt = CheckpointTensors(it_dir)
+    config, tok_path, tokenizer, ckpt = open_checkpoint(checkpoint)
     out_dtype = dtype or ckpt.dtype(keymap.EMBEDDING_KEY)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(out_dtype)
@@ -289,12 +288,12 @@ def hf_model_from_checkpoint(checkpoint: str | os.PathLike, device: str = "cpu",
         for name, tensor in hf_tensors(ckpt, config):
             if name not in params or params[name].shape != tensor.shape:
                 got = tuple(params[name].shape) if name in params else None
-                raise ValueError(f"{it_dir}: tensor {name} {tuple(tensor.shape)} does not fit the HF model ({got})")
+                raise ValueError(f"{ckpt.it_dir}: tensor {name} {tuple(tensor.shape)} does not fit the HF model: {got}")
             params[name].copy_(tensor)
             filled.add(name)
     missing = sorted(set(params) - filled)
     if missing:
-        raise ValueError(f"{it_dir}: the checkpoint gave no value for {missing}")
+        raise ValueError(f"{ckpt.it_dir}: the checkpoint gave no value for {missing}")
     return model.eval(), tok_path
 
 
