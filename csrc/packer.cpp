@@ -14,7 +14,6 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
-#include <sstream>
 #include <stdexcept>
 
 #include "format.h"
@@ -495,30 +494,40 @@ void ShardBuilder::stop_writer(bool discard) noexcept {
   if (writer_.joinable()) writer_.join();
 }
 
+// Built with std::to_string, not an ostringstream: iostreams go through the process-wide C++ locale, and a
+// toolchain that links libstdc++ statically into this module (seen on a GPU node's /opt/gcc) then mixes two copies'
+// locale facets with the libstdc++.so that torch loaded: `ostream << long` segfaulted there.
 std::string ShardBuilder::sidecar_json(const ShardStats& s) const {
-  std::ostringstream o;
-  o << "{\n"
-    << "  \"format\": \"solo-shard\",\n"
-    << "  \"format_version\": 1,\n"
-    << "  \"seq_length\": " << cfg_.seq_length << ",\n"
-    << "  \"patch_dim\": " << kPatchDim << ",\n"
-    << "  \"token_ids\": {\"bos\": " << cfg_.bos_id << ", \"eos\": " << cfg_.eos_id << ", \"pad\": " << cfg_.pad_id
-    << ", \"vision\": " << cfg_.vision_id << ", \"vpatch\": " << cfg_.vpatch_id << ", \"row_sep\": " << cfg_.row_sep_id
-    << ", \"vision_end\": " << cfg_.vision_end_id << ", \"first_special\": " << cfg_.first_special_id << "},\n"
-    << "  \"packs\": " << s.packs << ",\n"
-    << "  \"documents\": " << s.documents << ",\n"
-    << "  \"input_documents\": " << s.input_documents << ",\n"
-    << "  \"images\": " << s.images << ",\n"
-    << "  \"patches\": " << s.patches << ",\n"
-    << "  \"tokens_total\": " << s.tokens_total << ",\n"
-    << "  \"tokens_text\": " << s.tokens_text << ",\n"
-    << "  \"tokens_vision\": " << s.tokens_vision << ",\n"
-    << "  \"pad_tokens\": " << s.pad_tokens << ",\n"
-    << "  \"slots\": " << s.slots << ",\n"
-    << "  \"text_docs_split\": " << s.text_docs_split << ",\n"
-    << "  \"rejected\": " << s.rejected.size() << "\n"
-    << "}\n";
-  return o.str();
+  using std::to_string;
+  std::string o;
+  o.reserve(1024);
+  auto field = [&o](const char* name, int64_t value, const char* after = ",\n") {
+    o += "  \"";
+    o += name;
+    o += "\": " + to_string(value) + after;
+  };
+  o += "{\n  \"format\": \"solo-shard\",\n  \"format_version\": 1,\n";
+  field("seq_length", cfg_.seq_length);
+  field("patch_dim", kPatchDim);
+  o += "  \"token_ids\": {\"bos\": " + to_string(cfg_.bos_id) + ", \"eos\": " + to_string(cfg_.eos_id) +
+       ", \"pad\": " + to_string(cfg_.pad_id) + ", \"vision\": " + to_string(cfg_.vision_id) +
+       ", \"vpatch\": " + to_string(cfg_.vpatch_id) + ", \"row_sep\": " + to_string(cfg_.row_sep_id) +
+       ", \"vision_end\": " + to_string(cfg_.vision_end_id) + ", \"first_special\": " +
+       to_string(cfg_.first_special_id) + "},\n";
+  field("packs", s.packs);
+  field("documents", s.documents);
+  field("input_documents", s.input_documents);
+  field("images", s.images);
+  field("patches", s.patches);
+  field("tokens_total", s.tokens_total);
+  field("tokens_text", s.tokens_text);
+  field("tokens_vision", s.tokens_vision);
+  field("pad_tokens", s.pad_tokens);
+  field("slots", s.slots);
+  field("text_docs_split", s.text_docs_split);
+  field("rejected", static_cast<int64_t>(s.rejected.size()), "\n");
+  o += "}\n";
+  return o;
 }
 
 ShardStats ShardBuilder::finish() {

@@ -95,6 +95,12 @@ def _build_key(cfg: BuildConfig, tok: SoloTokenizer, sources: list[dict]) -> str
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _start_method() -> str:
+    """How worker processes start: fork on Linux unless SOLO_PREPROCESS_START_METHOD names another method."""
+    default = "fork" if sys.platform.startswith("linux") else "spawn"
+    return os.environ.get("SOLO_PREPROCESS_START_METHOD", default)
+
+
 def _ordered_results(
     records: Iterable[tuple[int, object]], cfg: BuildConfig, wcfg: WorkerConfig
 ) -> Iterator[tuple[int, Result]]:
@@ -110,7 +116,7 @@ def _ordered_results(
         for chunk in chunks():
             yield from zip((i for i, _ in chunk), process_chunk([r for _, r in chunk]))
         return
-    ctx = get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    ctx = get_context(_start_method())
     with ProcessPoolExecutor(
         cfg.workers, mp_context=ctx, initializer=init_worker, initargs=(wcfg, os.getpid())
     ) as pool:

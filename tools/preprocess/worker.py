@@ -80,8 +80,11 @@ def _die_with_parent(parent_pid: int) -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
+    if os.getppid() != parent_pid:  # a forkserver's child, or the parent died before prctl took effect
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            os._exit(1)
 
 
 def init_worker(cfg: WorkerConfig, parent_pid: int | None = None) -> None:
