@@ -7,6 +7,9 @@
    the patches, greedy packing; one process. Target >= 2.5x per core and <= 0.5x bytes per patch on disk.
 3. ``fast``: ``--fast-decode`` (JPEG draft) on photos >= 2000 px vs the exact decode + resize floor. Target >= 2x;
    reports PSNR / max abs difference to the exact path.
+4. ``packer``: what one build process's packing side (``ShardBuilder.add_document`` + its writer and hasher threads)
+   sustains, fed already-resized images from memory, as images/s and as "workers it can keep up with" (÷ one
+   worker's floor rate). Images as patch grids (what the workers now send) vs as pixels (patchified by the packer).
 
 Images are made from the one real photo shipped by a package we depend on (matplotlib's grace_hopper.jpg): crops,
 flips and rescales re-encoded as JPEG (512-px class for 1-2; upscaled to 2000-3000 px for 3).
@@ -197,6 +200,25 @@ def psnr_maxabs(paths: list[Path]) -> tuple[float, int]:
     return (float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)), max_abs
 
 
+def packer_rate(images: list[np.ndarray], tok: SoloTokenizer, out: Path, as_grid: bool) -> Timer:
+    """Wall time of one ShardBuilder packing ``images`` (one caption document each) and finishing the shard."""
+    from megatron_solo import _C
+    from tools.preprocess.handoff import patch_grid
+
+    caption = np.asarray(tok.encode(CAPTION), dtype=np.int32)
+    items = [patch_grid(im) if as_grid else im for im in images]
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, vision_id=tok.vision_id,
+               vpatch_id=tok.vpatch_id, row_sep_id=tok.row_sep_id, vision_end_id=tok.vision_end_id)  # fmt: skip
+    with Timer() as t:
+        b = _C.ShardBuilder(str(out / "shard_00000"), 32768, **ids)
+        for i, it in enumerate(items):
+            b.add_document(f"r{i}", [it, caption])
+        b.finish()
+    return t
+
+
 def best(timers: list[Timer], n: int) -> tuple[float, float]:
     """(images per wall second, images per CPU second), best over repeats."""
     return n / min(t.wall for t in timers), n / min(t.cpu for t in timers)
@@ -207,6 +229,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=600)
     ap.add_argument("--big-images", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--no-single-worker", action="store_true", help="floor: skip the --workers 1 comparison")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best of each is reported")
     ap.add_argument("--only", nargs="*", default=["floor", "released", "fast"])
     ap.add_argument(
@@ -223,14 +246,14 @@ def main() -> None:
         )
         tok = SoloTokenizer(tok_path)
         print(f"cpu_count={os.cpu_count()} repeats={args.repeats} (best of each) shards written to {outs}")
-        if {"floor", "released"} & set(args.only):
+        if {"floor", "released", "packer"} & set(args.only):
             photos = make_photos(tmp / "photos", args.images, (480, 560), seed=0)
             src = write_chat(photos, tmp / "photos.jsonl")
             mpx = np.mean([np.prod(Image.open(p).size) for p in photos]) / 1e6
             print(f"\n{len(photos)} JPEG photos, long side 480-560 px ({mpx:.2f} Mpx mean)")
         n = args.images
         if "floor" in args.only:
-            for workers in sorted({args.workers, 1}):
+            for workers in sorted({args.workers} if args.no_single_worker else {args.workers, 1}):
                 fl, e2e = [], []
                 for _ in range(args.repeats):
                     fl.append(floor_rate(photos, workers))
@@ -256,6 +279,20 @@ def main() -> None:
                 f"({oc:.1f} img/CPU-s) | per core {oc / rc:.2f}x (wall {ow / rw:.2f}x; target >= 2.5x) | bytes/patch "
                 f"on disk (tokens + patches + index) released {rel_bpp:.0f}, ours {ours_bpp:.0f} = "
                 f"{ours_bpp / rel_bpp:.3f}x; patch payload 3072 vs 6144 = 0.500x (target <= 0.5x)"
+            )
+        if "packer" in args.only:
+            # Pixels as a worker hands them over: resized already, each in its own buffer (cold in cache).
+            images = [load_and_resize(str(p)) for p in photos]
+            one = best([floor_rate(photos[:200], 0) for _ in range(args.repeats)], 200)[0]
+            grid, pix = [], []
+            for _ in range(args.repeats):
+                grid.append(packer_rate(images, tok, outs / "packer", as_grid=True))
+                pix.append(packer_rate(images, tok, outs / "packer", as_grid=False))
+            (gw, gc), (pw, pc) = best(grid, n), best(pix, n)
+            print(
+                f"[packer] one process packing + writing + hashing {n} resized images: patch grids {gw:.0f} img/s "
+                f"({gc:.0f} img/CPU-s), pixels {pw:.0f} img/s ({pc:.0f} img/CPU-s) | one worker's decode+resize floor "
+                f"{one:.0f} img/s: the packer keeps up with {gw / one:.1f} workers (grids) / {pw / one:.1f} (pixels)"
             )
         if "fast" in args.only:
             big = make_photos(tmp / "big", args.big_images, (2000, 3000), seed=1)

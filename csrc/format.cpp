@@ -186,7 +186,7 @@ py::array_t<uint8_t, py::array::c_style> as_uint8(const py::array& a, const char
   return py::array_t<uint8_t, py::array::c_style>::ensure(a);
 }
 
-py::array_t<uint8_t> py_patchify(const py::array& img_any) {
+py::array py_patchify(const py::array& img_any, const py::object& out_obj) {
   if (img_any.ndim() != 3 || img_any.shape(2) != solo::kChannels) {
     std::string shape = "(";
     for (py::ssize_t d = 0; d < img_any.ndim(); ++d) shape += (d ? ", " : "") + std::to_string(img_any.shape(d));
@@ -196,9 +196,19 @@ py::array_t<uint8_t> py_patchify(const py::array& img_any) {
   const int64_t height = img.shape(0), width = img.shape(1);
   solo::check_image_shape(height, width);
   const int64_t n = (height / solo::kPatchSize) * (width / solo::kPatchSize);
-  py::array_t<uint8_t> out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(solo::kPatchDim)});
+  py::array out;
+  if (out_obj.is_none()) {
+    out = py::array_t<uint8_t>({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(solo::kPatchDim)});
+  } else {  // caller-provided memory (e.g. a shared-memory slot): any shape, n * 3072 contiguous writable bytes
+    out = py::reinterpret_borrow<py::array>(out_obj);
+    if (!out.dtype().is(py::dtype::of<uint8_t>()) || !(out.flags() & py::array::c_style) || !out.writeable() ||
+        out.size() != n * solo::kPatchDim) {
+      throw std::invalid_argument("patchify: out must be a writable C-contiguous uint8 array of " +
+                                  std::to_string(n * solo::kPatchDim) + " bytes");
+    }
+  }
   const uint8_t* src = img.data();
-  uint8_t* dst = out.mutable_data();
+  auto* dst = static_cast<uint8_t*>(out.mutable_data());
   {
     py::gil_scoped_release nogil;
     solo::patchify(src, height, width, dst);
@@ -245,9 +255,10 @@ std::tuple<py::array_t<int32_t>, py::array_t<int32_t>> py_image_layout(int64_t n
 void register_format(py::module_& m) {
   m.attr("PATCH_SIZE") = solo::kPatchSize;
   m.attr("PATCH_DIM") = solo::kPatchDim;
-  m.def("patchify", &py_patchify, py::arg("img"),
+  m.def("patchify", &py_patchify, py::arg("img"), py::arg("out") = py::none(),
         "uint8[H, W, 3] (H, W multiples of 32) -> uint8[n_h*n_w, 3072]; channel-first (c, y, x) inside a patch, "
-        "patches row-major.");
+        "patches row-major. out: write into this writable C-contiguous uint8 array of n_h*n_w*3072 bytes (any "
+        "shape) and return it.");
   m.def("unpatchify", &py_unpatchify, py::arg("patches"), py::arg("n_h"), py::arg("n_w"),
         "uint8[n_h*n_w, 3072] -> uint8[n_h*32, n_w*32, 3]; exact inverse of patchify.");
   m.def("image_token_count", &solo::image_token_count, py::arg("n_h"), py::arg("n_w"),

@@ -82,7 +82,7 @@ void MMIdxWriter::write_bytes(const void* data, size_t n) {
   const auto* p = static_cast<const uint8_t*>(data);
   offset_ += static_cast<int64_t>(n);
   if (n < kDirectWrite) {
-    bin_hash_.update(p, n);
+    if (!external_bin_hash_) bin_hash_.update(p, n);
     write_all(bin_, p, n, temp_path_for(bin_path_));
     return;
   }
@@ -90,7 +90,7 @@ void MMIdxWriter::write_bytes(const void* data, size_t n) {
   const int fd = ::fileno(bin_);
   while (n > 0) {
     const size_t chunk = std::min(n, kHashChunk);
-    bin_hash_.update(p, chunk);
+    if (!external_bin_hash_) bin_hash_.update(p, chunk);
     for (size_t done = 0; done < chunk;) {
       const ssize_t w = ::write(fd, p + done, chunk - done);
       if (w < 0 && errno == EINTR) continue;
@@ -134,6 +134,7 @@ void MMIdxWriter::finish() {
   if (offset_ == 0) {
     const char zeros[8] = {};
     write_bytes(zeros, sizeof(zeros));
+    if (external_bin_hash_) bin_hash_.update(zeros, sizeof(zeros));
   }
   flush_and_fsync(bin_, temp_path_for(bin_path_));
   std::fclose(bin_);

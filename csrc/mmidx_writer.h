@@ -51,6 +51,11 @@ class MMIdxWriter {
   void append(const void* data, int64_t n_elements);
   void end_sequence();
 
+  // The .bin checksum is fed by another thread: write() stops hashing, and the owner passes every byte it appended,
+  // in order, to hash_bin() before finish() (the 8 padding bytes of an empty file are hashed by finish itself).
+  void hash_bin_externally() { external_bin_hash_ = true; }
+  void hash_bin(const void* data, size_t n) { bin_hash_.update(data, n); }
+
   // Flush, write the index, fsync both temp files. Idempotent.
   void finish();
   // Rename the temp files to {prefix}.bin / {prefix}.idx (bin first, idx last). Requires finish().
@@ -79,7 +84,7 @@ class MMIdxWriter {
   std::vector<int64_t> pointers_;
   Sha256 bin_hash_;
   std::string bin_digest_, idx_digest_;
-  bool finished_ = false, committed_ = false;
+  bool finished_ = false, committed_ = false, external_bin_hash_ = false;
 };
 
 }  // namespace solo

@@ -248,6 +248,8 @@ ShardBuilder::ShardBuilder(ShardBuilderConfig config)
   patches_w_ = std::make_unique<MMIdxWriter>(cfg_.out_prefix + ".patches", MMIdxDType::kUInt8);
   docs_w_ = std::make_unique<MMIdxWriter>(cfg_.out_prefix + ".docs", MMIdxDType::kInt32);
   sidecar_path_ = cfg_.out_prefix + ".json";
+  patches_w_->hash_bin_externally();
+  hasher_ = std::thread(&ShardBuilder::hasher_loop, this);
   writer_ = std::thread(&ShardBuilder::writer_loop, this);
 }
 
@@ -323,7 +325,11 @@ void ShardBuilder::add_document(const std::string& record_id, const std::vector<
       const int64_t n_h = it.height / kPatchSize, n_w = it.width / kPatchSize;
       const int64_t n_tok = image_token_count(n_h, n_w);
       image_layout(n_h, n_w, cfg_.vision_id, cfg_.vpatch_id, cfg_.row_sep_id, cfg_.vision_end_id, tok + pos, nullptr);
-      for (int64_t r0 = 0; r0 < n_h; r0 += kPatchRowsPerTask) {
+      if (it.patchified) {  // a sequential copy: cheap even when the bytes come cold from another process
+        std::memcpy(doc->patches.data() + patch_pos * kPatchDim, it.pixels,
+                    static_cast<size_t>(n_h * n_w * kPatchDim));
+      }
+      for (int64_t r0 = 0; !it.patchified && r0 < n_h; r0 += kPatchRowsPerTask) {
         const int64_t rows = std::min(kPatchRowsPerTask, n_h - r0);
         strips.push_back({it.pixels + r0 * kPatchSize * it.width * kChannels, rows, it.width,
                           doc->patches.data() + (patch_pos + r0 * n_w) * kPatchDim});
@@ -453,7 +459,10 @@ void ShardBuilder::writer_loop() {
     }
     try {
       write_pack(job);
-      for (auto& d : job.docs) patch_buffers().give(std::move(d->patches));
+      std::unique_lock<std::mutex> lock(h_mu_);  // on to the hasher, which hands the patch buffers back
+      h_space_cv_.wait(lock, [&] { return h_queue_.size() < kMaxQueuedPacks; });
+      h_queue_.push_back(std::move(job));
+      h_cv_.notify_one();
     } catch (...) {
       std::lock_guard<std::mutex> lock(q_mu_);
       writer_error_ = std::current_exception();
@@ -482,6 +491,34 @@ void ShardBuilder::write_pack(const PackJob& job) {
   docs_w_->begin_sequence();
   docs_w_->append(cu.data(), static_cast<int64_t>(cu.size()));
   docs_w_->end_sequence();
+}
+
+void ShardBuilder::hasher_loop() {
+  while (true) {
+    PackJob job;
+    {
+      std::unique_lock<std::mutex> lock(h_mu_);
+      h_cv_.wait(lock, [&] { return h_closed_ || !h_queue_.empty(); });
+      if (h_queue_.empty()) return;  // closed and drained
+      job = std::move(h_queue_.front());
+      h_queue_.pop_front();
+      h_space_cv_.notify_one();
+    }
+    for (auto& d : job.docs) {  // exactly the bytes write_pack appended to the patches file, in order
+      patches_w_->hash_bin(d->patches.data(), d->patches.size());
+      patch_buffers().give(std::move(d->patches));
+    }
+  }
+}
+
+void ShardBuilder::stop_hasher(bool discard) noexcept {  // after stop_writer: nothing is queued any more
+  {
+    std::lock_guard<std::mutex> lock(h_mu_);
+    h_closed_ = true;
+    if (discard) h_queue_.clear();
+  }
+  h_cv_.notify_all();
+  if (hasher_.joinable()) hasher_.join();
 }
 
 void ShardBuilder::stop_writer(bool discard) noexcept {
@@ -535,6 +572,7 @@ ShardStats ShardBuilder::finish() {
   if (finished_ || aborted_) throw std::logic_error("ShardBuilder: finish() called twice or after abort()");
   emit(planner_.flush());
   stop_writer(false);
+  stop_hasher(false);
   check_writer_error();
   tokens_w_->finish();
   patches_w_->finish();
@@ -582,6 +620,7 @@ void ShardBuilder::abort() noexcept {
   if (finished_ || aborted_) return;
   aborted_ = true;
   stop_writer(true);
+  stop_hasher(true);
   if (tokens_w_) tokens_w_->abort();
   if (patches_w_) patches_w_->abort();
   if (docs_w_) docs_w_->abort();
@@ -679,15 +718,19 @@ void py_add_document(solo::ShardBuilder& b, const std::string& record_id, const 
         item.tokens = converted.back().data();
         item.n_tokens = static_cast<int64_t>(converted.back().size());
       }
-    } else if (a.ndim() == 3 && py::array_t<uint8_t>::check_(a) && a.shape(2) == 3) {
+    } else if (a.ndim() == 3 && py::array_t<uint8_t>::check_(a) &&
+               (a.shape(2) == 3 || a.shape(2) == solo::kPatchDim)) {
       auto c = py::array_t<uint8_t, py::array::c_style>::ensure(a);
       item.pixels = c.data();
-      item.height = c.shape(0);
-      item.width = c.shape(1);
+      item.patchified = c.shape(2) == solo::kPatchDim;  // [n_h, n_w, 3072]: the image's patch grid
+      const int64_t scale = item.patchified ? solo::kPatchSize : 1;
+      item.height = c.shape(0) * scale;
+      item.width = c.shape(1) * scale;
       keep.push_back(std::move(c));
     } else {
       throw py::type_error("record " + record_id + ", item " + std::to_string(k) +
-                           ": expected 1-D int32 token ids or a uint8 [H, W, 3] image, got dtype " +
+                           ": expected 1-D int32 token ids, a uint8 [H, W, 3] image or its uint8 [H/32, W/32, "
+                           "3072] patch grid, got dtype " +
                            py::str(a.dtype()).cast<std::string>() + " shape " + shape_str(a));
     }
     doc_items.push_back(item);
@@ -780,8 +823,9 @@ void register_packer(py::module_& m) {
            py::arg("buffer_docs") = 4096, py::arg("long_text") = "split", py::arg("threads") = 1,
            py::arg("first_special_id") = -1, py::arg("buffer_bytes") = int64_t{1} << 30)
       .def("add_document", &py_add_document, py::arg("record_id"), py::arg("items"),
-           "items in order: 1-D int32 token ids (text) or uint8 [H, W, 3] images (H, W multiples of 32). The document "
-           "is [BOS] + items + [EOS]. Releases the GIL.")
+           "items in order: 1-D int32 token ids (text), uint8 [H, W, 3] images (H, W multiples of 32) or an image's "
+           "patch grid uint8 [H/32, W/32, 3072] (patchify's output, reshaped). The document is [BOS] + items + "
+           "[EOS]. Releases the GIL.")
       .def(
           "finish",
           [](solo::ShardBuilder& b) {

@@ -102,12 +102,14 @@ struct ShardBuilderConfig {
   int threads = 1;
 };
 
-// One input item of a document: a text token run or an already-resized image (views, not owned).
+// One input item of a document: a text token run or an already-resized image (views, not owned). An image comes
+// as pixels or, patchified already (by a preprocess worker, while the pixels are in its cache), as its patch grid.
 struct DocItem {
   const int32_t* tokens = nullptr;  // text: n_tokens ids
   int64_t n_tokens = 0;
-  const uint8_t* pixels = nullptr;  // image: uint8[height, width, 3], contiguous
+  const uint8_t* pixels = nullptr;  // image: uint8[height, width, 3], or uint8[height/32 * width/32, 3072] patches
   int64_t height = 0, width = 0;
+  bool patchified = false;  // pixels holds the patches (in <vpatch> order), not the HWC pixels
   bool is_image() const { return pixels != nullptr; }
 };
 
@@ -185,6 +187,16 @@ class ShardBuilder {
 
   std::unique_ptr<MMIdxWriter> tokens_w_, patches_w_, docs_w_;
   std::string sidecar_path_;
+
+  // hasher thread: the SHA-256 of the patches file (nearly all the bytes) over the packs the writer has written, in
+  // the same order, so hashing runs beside the writes instead of in front of each of them
+  void hasher_loop();
+  void stop_hasher(bool discard) noexcept;
+  std::thread hasher_;
+  std::mutex h_mu_;
+  std::condition_variable h_cv_, h_space_cv_;
+  std::deque<PackJob> h_queue_;
+  bool h_closed_ = false;
 
   // writer thread: packs are written in emission order by one background thread
   std::thread writer_;

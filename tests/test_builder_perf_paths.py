@@ -50,6 +50,32 @@ def test_finish_reports_the_sha256_of_each_written_file(tmp_path):
     assert list(stats["files"]) == list(want)  # shard_files() order
 
 
+def test_patch_grid_items_give_the_same_shard_as_pixels(tmp_path):
+    """Workers hand images over patchified ([H/32, W/32, 3072]); the shard must equal one built from the pixels."""
+    rng = np.random.default_rng(3)
+    docs = []
+    for _ in range(30):
+        items = [rng.integers(3, 400, int(rng.integers(1, 80)), dtype=np.int32)]
+        for _ in range(int(rng.integers(0, 3))):
+            items.append(
+                rng.integers(0, 256, (32 * int(rng.integers(1, 5)), 32 * int(rng.integers(1, 5)), 3), np.uint8)
+            )
+        docs.append(items)
+    sums = []
+    for name, convert in (("pixels", lambda a: a), ("grid", handoff.patch_grid)):
+        b = _C.ShardBuilder(str(tmp_path / name), 256, buffer_docs=8, **IDS)
+        for i, items in enumerate(docs):
+            b.add_document(f"r{i}", [convert(a) for a in items])
+        sums.append(sorted(b.finish()["files"].values()))
+    assert sums[0] == sums[1]
+    out = np.empty((3, 3072), np.uint8)
+    with pytest.raises(ValueError, match="out must be"):
+        _C.patchify(np.zeros((64, 64, 3), np.uint8), out=out)  # 4 patches do not fit 3
+    with pytest.raises(TypeError, match="patch grid"):
+        b2 = _C.ShardBuilder(str(tmp_path / "bad"), 256, **IDS)
+        b2.add_document("bad", [np.zeros((2, 2, 3071), np.uint8)])
+
+
 def test_big_endian_tokens_are_converted_not_misread(tmp_path):
     b = _C.ShardBuilder(str(tmp_path / "s"), 64, **IDS)
     b.add_document("be", [np.arange(3, 10, dtype=">i4")])
@@ -65,21 +91,23 @@ def test_slot_handoff_reuses_slots_and_honours_the_busy_flag(tmp_path, monkeypat
     rng = np.random.default_rng(2)
     a, b = (rng.integers(0, 256, (320, 288, 3), dtype=np.uint8) for _ in range(2))
     d, pid = str(tmp_path), os.getpid()
+    grid = handoff.patch_grid  # images travel as their patch grid, patchified by the worker
+    np.testing.assert_array_equal(_C.unpatchify(grid(a).reshape(-1, _C.PATCH_DIM), 10, 9), a)
     ta = handoff.export_slot(a, d, pid)
     tb = handoff.export_slot(b, d, pid)  # a's slot is busy: a second slot
     assert ta[0] == tb[0] == "slot" and ta[1] != tb[1]
-    np.testing.assert_array_equal(handoff.load(ta), a)
-    np.testing.assert_array_equal(handoff.load(tb), b)
+    np.testing.assert_array_equal(handoff.load(ta), grid(a))
+    np.testing.assert_array_equal(handoff.load(tb), grid(b))
     handoff.release([ta])
     tc = handoff.export_slot(b[::-1].copy(), d, pid)  # reuses a's slot, now free
     assert tc[1] == ta[1] and len(os.listdir(d)) == 2
-    np.testing.assert_array_equal(handoff.load(tc), b[::-1])
-    np.testing.assert_array_equal(handoff.load(tb), b)  # untouched
+    np.testing.assert_array_equal(handoff.load(tc), grid(b[::-1].copy()))
+    np.testing.assert_array_equal(handoff.load(tb), grid(b))  # untouched
     # All slots busy and the byte cap reached: a one-shot file, unlinked when loaded.
     monkeypatch.setattr(handoff, "MAX_SLOT_BYTES", handoff._slot_bytes)
     td = handoff.export_slot(a, d, pid)
     assert td[0] == "handoff"
-    np.testing.assert_array_equal(handoff.load(td), a)
+    np.testing.assert_array_equal(handoff.load(td), grid(a))
     assert not os.path.exists(td[1])
     handoff.forget_maps()
     handoff.remove_own(d, pid)

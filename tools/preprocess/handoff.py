@@ -25,6 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_solo import _C
+
+PATCH_SIZE, PATCH_DIM = _C.PATCH_SIZE, _C.PATCH_DIM
+
 PREFIX = "solo_pp_"
 MIN_BYTES = 1 << 17  # smaller images (a 128x128 one is 48 KB) are cheaper to pickle than a file create + map
 SLOT_HEADER = 64  # byte 0: busy flag; pixels start at this offset (cache-line aligned)
@@ -91,16 +95,32 @@ def _new_slot(nbytes: int, directory: str, parent_pid: int) -> _Slot | None:
 
 
 def export_slot(img: np.ndarray, directory: str, parent_pid: int) -> tuple[str, str, tuple[int, ...]]:
-    """Worker side: copy ``img`` into a free reusable slot (or, none free, a one-shot file); returns the token."""
+    """Worker side: copy ``img`` into a free reusable slot (or, none free, a one-shot file); returns the token.
+    An RGB image ``uint8[H, W, 3]`` goes in patchified, as its patch grid ``uint8[H/32, W/32, 3072]``: the worker
+    has the pixels in cache, and the parent then copies the patches sequentially instead of gathering them."""
     n = img.nbytes
     slot = next((s for s in _slots if s.capacity >= n and s.mm[0] == 0), None)
     if slot is None:
         slot = _new_slot(n, directory, parent_pid)
         if slot is None:
-            return export(img, directory, parent_pid)
+            return export(patch_grid(img), directory, parent_pid)
     slot.mm[0] = 1
-    np.frombuffer(slot.mm, np.uint8, n, SLOT_HEADER).reshape(img.shape)[...] = img
-    return ("slot", slot.path, tuple(img.shape))
+    view = np.frombuffer(slot.mm, np.uint8, n, SLOT_HEADER)
+    if img.ndim == 3 and img.shape[2] == 3:
+        _C.patchify(img, out=view)
+        shape = (img.shape[0] // PATCH_SIZE, img.shape[1] // PATCH_SIZE, PATCH_DIM)
+    else:
+        view.reshape(img.shape)[...] = img
+        shape = tuple(img.shape)
+    return ("slot", slot.path, shape)
+
+
+def patch_grid(img: np.ndarray) -> np.ndarray:
+    """``uint8[H, W, 3]`` -> its patch grid ``uint8[H/32, W/32, 3072]`` (what ``ShardBuilder.add_document`` copies
+    without patchifying); other arrays unchanged."""
+    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        return img
+    return _C.patchify(img).reshape(img.shape[0] // PATCH_SIZE, img.shape[1] // PATCH_SIZE, PATCH_DIM)
 
 
 def is_token(item: object) -> bool:

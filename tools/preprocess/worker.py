@@ -242,13 +242,15 @@ def process(rec: Record) -> Result:
 
 
 def process_chunk(records: list[Record]) -> list[Result]:
+    """Documents for the packer: images leave as patch grids (patchified here, while the pixels are in this core's
+    cache), large ones through a tmpfs slot (``handoff``) when the build gave a directory."""
     results = [process(r) for r in records]
-    if _cfg is not None and _cfg.handoff_dir:
-        for res in results:
-            res.items = [
-                handoff.export_slot(it, _cfg.handoff_dir, _cfg.parent_pid)
-                if it.dtype == np.uint8 and it.nbytes >= handoff.MIN_BYTES
-                else it
-                for it in res.items
-            ]
+    handoff_dir = _cfg.handoff_dir if _cfg is not None else ""
+    for res in results:
+        res.items = [
+            handoff.export_slot(it, handoff_dir, _cfg.parent_pid)
+            if handoff_dir and it.dtype == np.uint8 and it.nbytes >= handoff.MIN_BYTES
+            else handoff.patch_grid(it)
+            for it in res.items
+        ]
     return results
