@@ -112,3 +112,18 @@ def test_slot_handoff_reuses_slots_and_honours_the_busy_flag(tmp_path, monkeypat
     handoff.forget_maps()
     handoff.remove_own(d, pid)
     assert os.listdir(d) == []
+
+
+def test_extension_uses_no_iostreams():
+    """A GPU node's toolchain links libstdc++ statically into _C; iostreams there (sidecar JSON via ostringstream)
+    crashed next to torch's libstdc++.so. That setup cannot be reproduced on CPU CI, so keep iostreams out."""
+    import re
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    offenders = [
+        p.name
+        for p in sorted(csrc.glob("*.[ch]*"))
+        if re.search(r"#include\s*<(sstream|iostream|fstream|iomanip|locale)>", p.read_text())
+    ]
+    assert offenders == []
