@@ -36,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from megatron_solo.format.image import load_and_resize
+from megatron_solo.format.layout import patch_grid
 from megatron_solo.format.tokens import SoloTokenizer, train_sentencepiece
 from tools.preprocess.build import BuildConfig, build
 
@@ -203,7 +204,6 @@ def psnr_maxabs(paths: list[Path]) -> tuple[float, int]:
 def packer_rate(images: list[np.ndarray], tok: SoloTokenizer, out: Path, as_grid: bool) -> Timer:
     """Wall time of one ShardBuilder packing ``images`` (one caption document each) and finishing the shard."""
     from megatron_solo import _C
-    from tools.preprocess.handoff import patch_grid
 
     caption = np.asarray(tok.encode(CAPTION), dtype=np.int32)
     items = [patch_grid(im) if as_grid else im for im in images]

@@ -13,6 +13,7 @@ import pytest
 
 from megatron_solo import _C
 from megatron_solo.data.shards import shard_files
+from megatron_solo.format.layout import patch_grid
 from tools.preprocess import handoff
 from tools.preprocess import manifest as mf
 
@@ -62,7 +63,7 @@ def test_patch_grid_items_give_the_same_shard_as_pixels(tmp_path):
             )
         docs.append(items)
     sums = []
-    for name, convert in (("pixels", lambda a: a), ("grid", handoff.patch_grid)):
+    for name, convert in (("pixels", lambda a: a), ("grid", lambda a: patch_grid(a) if a.dtype == np.uint8 else a)):
         b = _C.ShardBuilder(str(tmp_path / name), 256, buffer_docs=8, **IDS)
         for i, items in enumerate(docs):
             b.add_document(f"r{i}", [convert(a) for a in items])
@@ -91,7 +92,7 @@ def test_slot_handoff_reuses_slots_and_honours_the_busy_flag(tmp_path, monkeypat
     rng = np.random.default_rng(2)
     a, b = (rng.integers(0, 256, (320, 288, 3), dtype=np.uint8) for _ in range(2))
     d, pid = str(tmp_path), os.getpid()
-    grid = handoff.patch_grid  # images travel as their patch grid, patchified by the worker
+    grid = patch_grid  # images travel as their patch grid (layout.patch_grid), patchified by the worker
     np.testing.assert_array_equal(_C.unpatchify(grid(a).reshape(-1, _C.PATCH_DIM), 10, 9), a)
     ta = handoff.export_slot(a, d, pid)
     tb = handoff.export_slot(b, d, pid)  # a's slot is busy: a second slot

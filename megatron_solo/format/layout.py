@@ -20,9 +20,10 @@ PATCH_DIM: int = int(_C.PATCH_DIM)  # 3 * 32 * 32 = 3072 uint8 values a patch
 MAX_PATCHES_PER_SIDE: int = 1024 // PATCH_SIZE  # the resize rule caps the long side at 1024 px
 
 
-def patchify(img: np.ndarray) -> np.ndarray:
-    """uint8[H, W, 3] (H, W multiples of 32) -> uint8[n_h*n_w, 3072], channel-first (c, y, x), patches row-major."""
-    return _C.patchify(img)
+def patchify(img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8[H, W, 3] (H, W multiples of 32) -> uint8[n_h*n_w, 3072], channel-first (c, y, x), patches row-major.
+    ``out``: write into this writable C-contiguous uint8 array of n_h*n_w*3072 bytes (any shape) and return it."""
+    return _C.patchify(img) if out is None else _C.patchify(img, out=out)
 
 
 def unpatchify(patches: np.ndarray, n_h: int, n_w: int) -> np.ndarray:
@@ -36,6 +37,13 @@ def grid_shape(img: np.ndarray) -> tuple[int, int]:
     if h % PATCH_SIZE or w % PATCH_SIZE or h <= 0 or w <= 0:
         raise ValueError(f"image of {h}x{w} (H x W) is not a positive multiple of {PATCH_SIZE} on both sides")
     return h // PATCH_SIZE, w // PATCH_SIZE
+
+
+def patch_grid(img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8[H, W, 3] -> its patch grid uint8[n_h, n_w, 3072]: the form in which preprocess workers hand images to
+    ``ShardBuilder.add_document``, which then copies the patches instead of patchifying. ``out`` as in patchify."""
+    n_h, n_w = grid_shape(img)
+    return patchify(img, out).reshape(n_h, n_w, PATCH_DIM)
 
 
 def image_token_count(n_h: int, n_w: int) -> int:

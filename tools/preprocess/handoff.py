@@ -25,9 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_solo import _C
-
-PATCH_SIZE, PATCH_DIM = _C.PATCH_SIZE, _C.PATCH_DIM
+from megatron_solo.format.layout import patch_grid
 
 PREFIX = "solo_pp_"
 MIN_BYTES = 1 << 17  # smaller images (a 128x128 one is 48 KB) are cheaper to pickle than a file create + map
@@ -95,9 +93,9 @@ def _new_slot(nbytes: int, directory: str, parent_pid: int) -> _Slot | None:
 
 
 def export_slot(img: np.ndarray, directory: str, parent_pid: int) -> tuple[str, str, tuple[int, ...]]:
-    """Worker side: copy ``img`` into a free reusable slot (or, none free, a one-shot file); returns the token.
-    An RGB image ``uint8[H, W, 3]`` goes in patchified, as its patch grid ``uint8[H/32, W/32, 3072]``: the worker
-    has the pixels in cache, and the parent then copies the patches sequentially instead of gathering them."""
+    """Worker side: an RGB image into a free reusable slot (or, none free, a one-shot file) as its patch grid
+    (``layout.patch_grid``: patchified here, with the pixels in this core's cache, so the parent copies the patches
+    sequentially instead of gathering them); returns the token that replaces it in the result."""
     n = img.nbytes
     slot = next((s for s in _slots if s.capacity >= n and s.mm[0] == 0), None)
     if slot is None:
@@ -105,22 +103,8 @@ def export_slot(img: np.ndarray, directory: str, parent_pid: int) -> tuple[str, 
         if slot is None:
             return export(patch_grid(img), directory, parent_pid)
     slot.mm[0] = 1
-    view = np.frombuffer(slot.mm, np.uint8, n, SLOT_HEADER)
-    if img.ndim == 3 and img.shape[2] == 3:
-        _C.patchify(img, out=view)
-        shape = (img.shape[0] // PATCH_SIZE, img.shape[1] // PATCH_SIZE, PATCH_DIM)
-    else:
-        view.reshape(img.shape)[...] = img
-        shape = tuple(img.shape)
-    return ("slot", slot.path, shape)
-
-
-def patch_grid(img: np.ndarray) -> np.ndarray:
-    """``uint8[H, W, 3]`` -> its patch grid ``uint8[H/32, W/32, 3072]`` (what ``ShardBuilder.add_document`` copies
-    without patchifying); other arrays unchanged."""
-    if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        return img
-    return _C.patchify(img).reshape(img.shape[0] // PATCH_SIZE, img.shape[1] // PATCH_SIZE, PATCH_DIM)
+    grid = patch_grid(img, out=np.frombuffer(slot.mm, np.uint8, n, SLOT_HEADER))
+    return ("slot", slot.path, grid.shape)
 
 
 def is_token(item: object) -> bool:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megatron_solo.format.image import DEFAULT_MAX_PIXELS, ImageLoadError, load_and_resize
-from megatron_solo.format.layout import PATCH_SIZE, image_token_count
+from megatron_solo.format.layout import PATCH_SIZE, image_token_count, patch_grid
 from megatron_solo.format.tokens import SoloTokenizer
 from tools.preprocess import handoff
 from tools.preprocess.sources import Record
@@ -248,9 +248,13 @@ def process_chunk(records: list[Record]) -> list[Result]:
     handoff_dir = _cfg.handoff_dir if _cfg is not None else ""
     for res in results:
         res.items = [
-            handoff.export_slot(it, handoff_dir, _cfg.parent_pid)
-            if handoff_dir and it.dtype == np.uint8 and it.nbytes >= handoff.MIN_BYTES
-            else handoff.patch_grid(it)
+            (
+                handoff.export_slot(it, handoff_dir, _cfg.parent_pid)
+                if handoff_dir and it.nbytes >= handoff.MIN_BYTES
+                else patch_grid(it)
+            )
+            if it.dtype == np.uint8
+            else it
             for it in res.items
         ]
     return results
