@@ -258,7 +258,7 @@ ShardBuilder::~ShardBuilder() {
 }
 
 void ShardBuilder::check_writer_error() {
-  std::lock_guard<std::mutex> lock(q_mu_);
+  std::lock_guard<std::mutex> lock(error_mu_);
   if (writer_error_) std::rethrow_exception(writer_error_);
 }
 
@@ -437,36 +437,24 @@ void ShardBuilder::emit(std::vector<BestFitPlanner::Bin> bins) {
     stats_.tokens_total += real;
     stats_.pad_tokens += cfg_.seq_length - real;
     stats_.slots += cfg_.seq_length;
-    std::unique_lock<std::mutex> lock(q_mu_);
-    q_space_cv_.wait(lock, [&] { return queue_.size() < kMaxQueuedPacks || writer_error_; });
-    if (writer_error_) std::rethrow_exception(writer_error_);
-    queue_.push_back(std::move(job));
-    q_cv_.notify_one();
+    check_writer_error();
+    packs_.push(std::move(job));  // never blocks for good: after an error the writer keeps draining
   }
 }
 
 void ShardBuilder::writer_loop() {
-  while (true) {
-    PackJob job;
+  PackJob job;
+  while (packs_.pop(job)) {
     {
-      std::unique_lock<std::mutex> lock(q_mu_);
-      q_cv_.wait(lock, [&] { return q_closed_ || !queue_.empty(); });
-      if (queue_.empty()) return;  // closed and drained
-      job = std::move(queue_.front());
-      queue_.pop_front();
-      q_space_cv_.notify_one();
+      std::lock_guard<std::mutex> lock(error_mu_);
       if (writer_error_) continue;  // keep draining so the producer never blocks
     }
     try {
       write_pack(job);
-      std::unique_lock<std::mutex> lock(h_mu_);  // on to the hasher, which hands the patch buffers back
-      h_space_cv_.wait(lock, [&] { return h_queue_.size() < kMaxQueuedPacks; });
-      h_queue_.push_back(std::move(job));
-      h_cv_.notify_one();
+      hashes_.push(std::move(job));
     } catch (...) {
-      std::lock_guard<std::mutex> lock(q_mu_);
+      std::lock_guard<std::mutex> lock(error_mu_);
       writer_error_ = std::current_exception();
-      q_space_cv_.notify_all();
     }
   }
 }
@@ -494,16 +482,8 @@ void ShardBuilder::write_pack(const PackJob& job) {
 }
 
 void ShardBuilder::hasher_loop() {
-  while (true) {
-    PackJob job;
-    {
-      std::unique_lock<std::mutex> lock(h_mu_);
-      h_cv_.wait(lock, [&] { return h_closed_ || !h_queue_.empty(); });
-      if (h_queue_.empty()) return;  // closed and drained
-      job = std::move(h_queue_.front());
-      h_queue_.pop_front();
-      h_space_cv_.notify_one();
-    }
+  PackJob job;
+  while (hashes_.pop(job)) {
     for (auto& d : job.docs) {  // exactly the bytes write_pack appended to the patches file, in order
       patches_w_->hash_bin(d->patches.data(), d->patches.size());
       patch_buffers().give(std::move(d->patches));
@@ -511,24 +491,11 @@ void ShardBuilder::hasher_loop() {
   }
 }
 
-void ShardBuilder::stop_hasher(bool discard) noexcept {  // after stop_writer: nothing is queued any more
-  {
-    std::lock_guard<std::mutex> lock(h_mu_);
-    h_closed_ = true;
-    if (discard) h_queue_.clear();
-  }
-  h_cv_.notify_all();
-  if (hasher_.joinable()) hasher_.join();
-}
-
-void ShardBuilder::stop_writer(bool discard) noexcept {
-  {
-    std::lock_guard<std::mutex> lock(q_mu_);
-    q_closed_ = true;
-    if (discard) queue_.clear();
-  }
-  q_cv_.notify_all();
+void ShardBuilder::stop_threads(bool discard) noexcept {
+  packs_.close(discard);
   if (writer_.joinable()) writer_.join();
+  hashes_.close(discard);  // the writer, its only producer, has stopped
+  if (hasher_.joinable()) hasher_.join();
 }
 
 // Built with std::to_string, not an ostringstream: iostreams go through the process-wide C++ locale, and a
@@ -571,8 +538,7 @@ ShardStats ShardBuilder::finish() {
   std::lock_guard<std::mutex> api_lock(api_mu_);
   if (finished_ || aborted_) throw std::logic_error("ShardBuilder: finish() called twice or after abort()");
   emit(planner_.flush());
-  stop_writer(false);
-  stop_hasher(false);
+  stop_threads(false);
   check_writer_error();
   tokens_w_->finish();
   patches_w_->finish();
@@ -619,8 +585,7 @@ void ShardBuilder::abort() noexcept {
   std::lock_guard<std::mutex> api_lock(api_mu_);
   if (finished_ || aborted_) return;
   aborted_ = true;
-  stop_writer(true);
-  stop_hasher(true);
+  stop_threads(true);
   if (tokens_w_) tokens_w_->abort();
   if (patches_w_) patches_w_->abort();
   if (docs_w_) docs_w_->abort();

@@ -121,6 +121,44 @@ struct ShardStats {
   std::vector<std::pair<std::string, std::string>> files;  // finish(): (file name, sha256 hex), shard_files() order
 };
 
+// A bounded FIFO between two threads: push() blocks while it is full, pop() while it is empty and returns false once
+// it is closed and drained. close(discard) ends it (discard: drop what is queued); a push after close is dropped.
+template <typename T>
+class BoundedQueue {
+ public:
+  explicit BoundedQueue(size_t capacity) : capacity_(capacity) {}
+  void push(T&& item) {
+    std::unique_lock<std::mutex> lock(mu_);
+    space_cv_.wait(lock, [&] { return items_.size() < capacity_ || closed_; });
+    if (closed_) return;
+    items_.push_back(std::move(item));
+    cv_.notify_one();
+  }
+  bool pop(T& out) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return closed_ || !items_.empty(); });
+    if (items_.empty()) return false;
+    out = std::move(items_.front());
+    items_.pop_front();
+    space_cv_.notify_one();
+    return true;
+  }
+  void close(bool discard) {
+    std::lock_guard<std::mutex> lock(mu_);
+    closed_ = true;
+    if (discard) items_.clear();
+    cv_.notify_all();
+    space_cv_.notify_all();
+  }
+
+ private:
+  const size_t capacity_;
+  std::mutex mu_;
+  std::condition_variable cv_, space_cv_;
+  std::deque<T> items_;
+  bool closed_ = false;
+};
+
 // A small fixed pool; parallel_for runs fn(0..n-1) on the pool plus the calling thread and waits.
 class ThreadPool {
  public:
@@ -171,10 +209,9 @@ class ShardBuilder {
 
   void add_doc_to_planner(std::unique_ptr<Doc> doc);
   void emit(std::vector<BestFitPlanner::Bin> bins);
-  void writer_loop();
   void write_pack(const PackJob& job);
   void check_writer_error();
-  void stop_writer(bool discard) noexcept;  // discard: drop queued packs (abort)
+  void stop_threads(bool discard) noexcept;  // discard: drop queued packs (abort)
   std::string sidecar_json(const ShardStats& s) const;
 
   ShardBuilderConfig cfg_;
@@ -188,24 +225,16 @@ class ShardBuilder {
   std::unique_ptr<MMIdxWriter> tokens_w_, patches_w_, docs_w_;
   std::string sidecar_path_;
 
-  // hasher thread: the SHA-256 of the patches file (nearly all the bytes) over the packs the writer has written, in
-  // the same order, so hashing runs beside the writes instead of in front of each of them
-  void hasher_loop();
-  void stop_hasher(bool discard) noexcept;
-  std::thread hasher_;
-  std::mutex h_mu_;
-  std::condition_variable h_cv_, h_space_cv_;
-  std::deque<PackJob> h_queue_;
-  bool h_closed_ = false;
-
-  // writer thread: packs are written in emission order by one background thread
-  std::thread writer_;
-  std::mutex q_mu_;
-  std::condition_variable q_cv_, q_space_cv_;
-  std::deque<PackJob> queue_;
-  bool q_closed_ = false;
-  std::exception_ptr writer_error_;
+  // Packs go emit() -> packs_ -> writer thread (writes them in emission order) -> hashes_ -> hasher thread (the
+  // SHA-256 of the patches file, nearly all the bytes, over exactly what was written, in the same order; hashing runs
+  // beside the writes instead of in front of each of them), which hands the patch buffers back to the pool.
   static constexpr size_t kMaxQueuedPacks = 8;
+  void writer_loop();
+  void hasher_loop();
+  BoundedQueue<PackJob> packs_{kMaxQueuedPacks}, hashes_{kMaxQueuedPacks};
+  std::thread writer_, hasher_;
+  std::mutex error_mu_;
+  std::exception_ptr writer_error_;
 
   std::mutex stats_mu_;
   ShardStats stats_;

@@ -128,3 +128,32 @@ def test_extension_uses_no_iostreams():
         if re.search(r"#include\s*<(sstream|iostream|fstream|iomanip|locale)>", p.read_text())
     ]
     assert offenders == []
+
+
+def test_a_write_error_surfaces_and_leaves_no_shard(tmp_path):
+    """The writer thread fails (files capped at 1 MiB by RLIMIT_FSIZE, in a child process): the error reaches the
+    caller of add_document/finish, the producer never hangs on a full queue, and no shard file is left behind."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        f"""
+        import resource, signal, numpy as np
+        from megatron_solo import _C
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write then fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        b = _C.ShardBuilder({str(tmp_path / "s")!r}, 256, buffer_docs=4, **{IDS!r})
+        img = np.zeros((128, 128, 3), np.uint8)
+        try:
+            for i in range(400):  # ~20 MB of patches, far past the cap, well past the 8 queued packs
+                b.add_document(f"r{{i}}", [np.arange(3, 20, dtype=np.int32), img])
+            b.finish()
+        except RuntimeError as e:
+            print("ERROR", e)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "ERROR cannot write" in res.stdout and "File too large" in res.stdout, res.stdout
+    assert os.listdir(tmp_path) == []  # temp files removed by abort (the builder's destructor)
