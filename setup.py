@@ -10,7 +10,8 @@ ext = Pybind11Extension(
     sorted(glob("csrc/*.cpp")),
     include_dirs=["csrc"],
     cxx_std=17,
-    extra_compile_args=["-O3"],
+    # -ffp-contract=off: the resize coefficients must round exactly as Pillow's C code does (no fused multiply-add).
+    extra_compile_args=["-O3", "-ffp-contract=off"],
     extra_link_args=["-pthread"],
 )
 

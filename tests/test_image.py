@@ -12,11 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from megatron_solo import _C
+from megatron_solo.format import image as image_mod
 from megatron_solo.format.image import (
     ImageLoadError,
     load_and_resize,
     load_image,
+    resize_bilinear,
     resize_for_solo,
+    resize_policy,
     solo_resize_shape,
 )
 from megatron_solo.format.layout import image_layout, image_token_count, patchify, unpatchify
@@ -110,6 +114,50 @@ def test_resize_for_solo_shapes_and_passthrough():
     assert (resize_for_solo(flat) == (12, 200, 77)).all()
     with pytest.raises(ValueError, match="uint8"):
         resize_for_solo(np.zeros((10, 10, 3), np.float32))
+
+
+def _pillow(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return np.asarray(Image.fromarray(img, "RGB").resize(size, Image.Resampling.BILINEAR))
+
+
+def test_cpp_resize_is_bit_identical_to_the_installed_pillow():
+    """The C++ resize against Pillow itself: upscales, downscales (to 1/40), one-pixel and very thin images, both pass
+    orders, SOLO rule sizes and arbitrary ones, strided (cropped) input."""
+    assert resize_policy() != "pillow"  # this Pillow is reproduced (else every resize would silently use Pillow)
+    rng = np.random.default_rng(0)
+    shapes = [((1, 1), (32, 32)), ((5000, 3), None), ((3, 700), None), ((2000, 1200), (50, 30)), ((33, 1), (1, 64))]
+    shapes += [((int(rng.integers(1, 600)), int(rng.integers(1, 600))), None) for _ in range(150)]
+    shapes += [
+        ((int(rng.integers(1, 400)), int(rng.integers(1, 400))), tuple(rng.integers(1, 500, 2))) for _ in range(150)
+    ]
+    n_vertical_first = 0
+    for (w, h), size in shapes:
+        size = tuple(int(v) for v in size) if size is not None else solo_resize_shape(w, h)
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        assert np.array_equal(resize_bilinear(img, size), _pillow(img, size)), (w, h, size)
+        n_vertical_first += _C.pillow13_vertical_first(h, w, size[1], size[0])
+    assert n_vertical_first > 20  # the vertical-first order was exercised
+    big = rng.integers(0, 256, (300, 420, 3), dtype=np.uint8)
+    crop = big[10:250, 7:400]  # rows strided, pixels contiguous
+    assert np.array_equal(resize_bilinear(crop, (200, 333)), _pillow(np.ascontiguousarray(crop), (200, 333)))
+
+
+def test_resize_policy_probes_tell_the_pass_orders_apart(monkeypatch):
+    """Each probe gives different bytes under the two orders, so the policy cannot pick the wrong one;
+    SOLO_RESIZE=pillow makes Pillow itself resize."""
+    rng = np.random.default_rng(0)
+    for src, (h, w) in image_mod._RESIZE_PROBES:
+        img = rng.integers(0, 256, (*src, 3), np.uint8)
+        assert not np.array_equal(_C.resize_bilinear(img, w, h, True), _C.resize_bilinear(img, w, h, False)), src
+    monkeypatch.setenv(image_mod.RESIZE_ENV, "pillow")
+    image_mod.resize_policy.cache_clear()
+    try:
+        assert resize_policy() == "pillow"
+        img = rng.integers(0, 256, (70, 50, 3), dtype=np.uint8)
+        assert np.array_equal(resize_for_solo(img), _pillow(img, solo_resize_shape(50, 70)))
+    finally:
+        monkeypatch.delenv(image_mod.RESIZE_ENV)
+        image_mod.resize_policy.cache_clear()
 
 
 # --- real photos through the whole path ----------------------------------------------------------------------------
