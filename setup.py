@@ -43,7 +43,7 @@ setup(
     extras_require={
         # demo: the bundled demo data (matplotlib ships its photo), TensorBoard logs, HF export / generate
         "demo": DEMO_EXTRAS,
-        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff"],
+        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash"],  # xxhash: the reference for our XXH64
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={

@@ -65,8 +65,12 @@ void fsync_parent_dir(const std::string& path) {
   if (rc != 0) throw_errno("cannot fsync directory", dir);
 }
 
-MMIdxWriter::MMIdxWriter(const std::string& prefix, MMIdxDType dtype)
-    : bin_path_(prefix + ".bin"), idx_path_(prefix + ".idx"), dtype_(dtype), itemsize_(mmidx_dtype_size(dtype)) {
+MMIdxWriter::MMIdxWriter(const std::string& prefix, MMIdxDType dtype, ChecksumAlgo checksum)
+    : bin_path_(prefix + ".bin"),
+      idx_path_(prefix + ".idx"),
+      dtype_(dtype),
+      itemsize_(mmidx_dtype_size(dtype)),
+      bin_hash_(checksum) {
   const std::string tmp = temp_path_for(bin_path_);
   bin_ = std::fopen(tmp.c_str(), "wb");
   if (bin_ == nullptr) throw_errno("cannot create", tmp);
@@ -144,7 +148,7 @@ void MMIdxWriter::finish() {
   const std::string tmp = temp_path_for(idx_path_);
   FILE* idx = std::fopen(tmp.c_str(), "wb");
   if (idx == nullptr) throw_errno("cannot create", tmp);
-  Sha256 idx_hash;
+  Checksum idx_hash(bin_hash_.algo());
   auto put = [&](const void* data, size_t n) {
     idx_hash.update(data, n);
     write_all(idx, data, n, tmp);
@@ -184,7 +188,9 @@ void MMIdxWriter::commit() {
 }
 
 void MMIdxWriter::abort() noexcept {
-  if (committed_) return;
+  // Once only: a later call (the destructor) must not remove the temp files of a new writer with the same prefix.
+  if (committed_ || aborted_) return;
+  aborted_ = true;
   if (bin_ != nullptr) {
     std::fclose(bin_);
     bin_ = nullptr;

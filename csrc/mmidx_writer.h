@@ -12,8 +12,8 @@
 //   i64[S+1] document_indices
 // .bin: the sequences' elements back to back.
 //
-// Checksums: the SHA-256 of both files is computed from the bytes as they are written (no read-back pass);
-// bin_sha256()/idx_sha256() are valid after finish().
+// Checksums (checksum.h) of both files are computed from the bytes as they are written (no read-back pass);
+// bin_checksum()/idx_checksum() are valid after finish().
 //
 // Crash safety: both files are written under temporary names ({path}.tmp), fsynced by finish(), and only
 // commit() renames them to their final names. abort() (and the destructor, unless committed) removes them.
@@ -24,7 +24,7 @@
 #include <string>
 #include <vector>
 
-#include "sha256.h"
+#include "checksum.h"
 
 namespace solo {
 
@@ -41,7 +41,7 @@ void fsync_parent_dir(const std::string& path);
 
 class MMIdxWriter {
  public:
-  MMIdxWriter(const std::string& prefix, MMIdxDType dtype);
+  MMIdxWriter(const std::string& prefix, MMIdxDType dtype, ChecksumAlgo checksum = ChecksumAlgo::kXxh64);
   ~MMIdxWriter();
   MMIdxWriter(const MMIdxWriter&) = delete;
   MMIdxWriter& operator=(const MMIdxWriter&) = delete;
@@ -67,8 +67,8 @@ class MMIdxWriter {
   int64_t bytes_written() const { return offset_; }
   const std::string& bin_path() const { return bin_path_; }
   const std::string& idx_path() const { return idx_path_; }
-  const std::string& bin_sha256() const { return bin_digest_; }  // after finish()
-  const std::string& idx_sha256() const { return idx_digest_; }  // after finish()
+  const std::string& bin_checksum() const { return bin_digest_; }  // after finish()
+  const std::string& idx_checksum() const { return idx_digest_; }  // after finish()
 
  private:
   void write_bytes(const void* data, size_t n);
@@ -82,9 +82,9 @@ class MMIdxWriter {
   int64_t seq_start_ = -1;    // byte offset of the open sequence, -1 when none is open
   std::vector<int32_t> lengths_;
   std::vector<int64_t> pointers_;
-  Sha256 bin_hash_;
+  Checksum bin_hash_;
   std::string bin_digest_, idx_digest_;
-  bool finished_ = false, committed_ = false, external_bin_hash_ = false;
+  bool finished_ = false, committed_ = false, aborted_ = false, external_bin_hash_ = false;
 };
 
 }  // namespace solo

@@ -14,10 +14,11 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
 
 #include "format.h"
-#include "sha256.h"
+#include "checksum.h"
 
 namespace py = pybind11;
 
@@ -231,6 +232,13 @@ void BufferPool::give(ByteBuffer&& b) {
   }
 }
 
+void BufferPool::release() {
+  std::vector<ByteBuffer> drop;  // freed outside the lock
+  std::lock_guard<std::mutex> lock(mu_);
+  drop.swap(free_);
+  bytes_ = 0;
+}
+
 BufferPool& patch_buffers() {
   static BufferPool* pool = new BufferPool();  // leaked on purpose: no destruction-order issues at exit
   return *pool;
@@ -244,13 +252,16 @@ ShardBuilder::ShardBuilder(ShardBuilderConfig config)
   }
   if (cfg_.out_prefix.empty()) throw std::invalid_argument("out_prefix must not be empty");
   if (cfg_.threads > 1) pool_ = std::make_unique<ThreadPool>(cfg_.threads);
-  tokens_w_ = std::make_unique<MMIdxWriter>(cfg_.out_prefix + ".tokens", MMIdxDType::kInt32);
-  patches_w_ = std::make_unique<MMIdxWriter>(cfg_.out_prefix + ".patches", MMIdxDType::kUInt8);
-  docs_w_ = std::make_unique<MMIdxWriter>(cfg_.out_prefix + ".docs", MMIdxDType::kInt32);
+  tokens_w_ = std::make_unique<MMIdxWriter>(cfg_.out_prefix + ".tokens", MMIdxDType::kInt32, cfg_.checksum);
+  patches_w_ = std::make_unique<MMIdxWriter>(cfg_.out_prefix + ".patches", MMIdxDType::kUInt8, cfg_.checksum);
+  docs_w_ = std::make_unique<MMIdxWriter>(cfg_.out_prefix + ".docs", MMIdxDType::kInt32, cfg_.checksum);
   sidecar_path_ = cfg_.out_prefix + ".json";
-  patches_w_->hash_bin_externally();
-  hasher_ = std::thread(&ShardBuilder::hasher_loop, this);
+  if (cfg_.checksum == ChecksumAlgo::kSha256) {
+    patches_w_->hash_bin_externally();
+    hasher_ = std::thread(&ShardBuilder::hasher_loop, this);
+  }
   writer_ = std::thread(&ShardBuilder::writer_loop, this);
+  intake_thread_ = std::thread(&ShardBuilder::intake_loop, this);
 }
 
 ShardBuilder::~ShardBuilder() {
@@ -262,22 +273,77 @@ void ShardBuilder::check_writer_error() {
   if (writer_error_) std::rethrow_exception(writer_error_);
 }
 
-void ShardBuilder::add_document(const std::string& record_id, const std::vector<DocItem>& items) {
+void ShardBuilder::validate(const std::string& record_id, const std::vector<DocItem>& items) const {
+  for (size_t k = 0; k < items.size(); ++k) {
+    if (!items[k].is_image()) continue;
+    try {
+      check_image_shape(items[k].height, items[k].width);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument("record " + record_id + ", item " + std::to_string(k) + ": " + e.what());
+    }
+  }
+}
+
+uint64_t ShardBuilder::submit(Submission doc) {
   std::lock_guard<std::mutex> api_lock(api_mu_);
   if (finished_ || aborted_) throw std::logic_error("ShardBuilder: add_document after finish()/abort()");
   check_writer_error();
+  {
+    std::lock_guard<std::mutex> lock(intake_mu_);
+    if (intake_error_) std::rethrow_exception(intake_error_);
+  }
+  validate(doc.record_id, doc.items);
+  const uint64_t seq = ++submitted_seq_;
+  intake_.push({std::move(doc), seq});
+  return seq;
+}
+
+void ShardBuilder::add_document(const std::string& record_id, const std::vector<DocItem>& items) {
+  const uint64_t seq = submit({record_id, items, {}});
+  std::unique_lock<std::mutex> lock(intake_mu_);
+  intake_cv_.wait(lock, [&] { return done_seq_.load(std::memory_order_acquire) >= seq; });
+  if (intake_error_) std::rethrow_exception(intake_error_);
+}
+
+void ShardBuilder::intake_loop() {
+  Queued q;
+  while (intake_.pop(q)) {
+    bool skip = aborting_.load(std::memory_order_acquire);
+    {
+      std::lock_guard<std::mutex> lock(intake_mu_);
+      skip = skip || intake_error_ != nullptr;  // after an error: keep draining, ingest nothing more
+    }
+    if (!skip) {
+      try {
+        ingest(q.doc.record_id, q.doc.items);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(intake_mu_);
+        intake_error_ = std::current_exception();
+      }
+    }
+    // The bytes are copied (or will never be): the producer may reuse them. Release order: our reads come first.
+    for (uint8_t* flag : q.doc.release) __atomic_store_n(flag, uint8_t{0}, __ATOMIC_RELEASE);
+    {
+      std::lock_guard<std::mutex> lock(intake_mu_);
+      done_seq_.store(q.seq, std::memory_order_release);
+    }
+    intake_cv_.notify_all();
+  }
+}
+
+void ShardBuilder::drain() {
+  std::unique_lock<std::mutex> lock(intake_mu_);
+  intake_cv_.wait(lock, [&] { return done_seq_.load(std::memory_order_acquire) >= submitted_seq_; });
+  if (intake_error_) std::rethrow_exception(intake_error_);
+}
+
+void ShardBuilder::ingest(const std::string& record_id, const std::vector<DocItem>& items) {
   const int64_t S = cfg_.seq_length;
 
   // 1. Sizes (and shape checks) before any heavy work.
   int64_t total = 2, image_tokens = 0, n_patches = 0, n_images = 0;
-  for (size_t k = 0; k < items.size(); ++k) {
-    const DocItem& it = items[k];
-    if (it.is_image()) {
-      try {
-        check_image_shape(it.height, it.width);
-      } catch (const std::invalid_argument& e) {
-        throw std::invalid_argument("record " + record_id + ", item " + std::to_string(k) + ": " + e.what());
-      }
+  for (const DocItem& it : items) {
+    if (it.is_image()) {  // shapes were checked by validate()
       const int64_t n_h = it.height / kPatchSize, n_w = it.width / kPatchSize;
       image_tokens += image_token_count(n_h, n_w);
       n_patches += n_h * n_w;
@@ -451,7 +517,11 @@ void ShardBuilder::writer_loop() {
     }
     try {
       write_pack(job);
-      hashes_.push(std::move(job));
+      if (hasher_.joinable()) {
+        hashes_.push(std::move(job));
+      } else {
+        for (auto& d : job.docs) patch_buffers().give(std::move(d->patches));
+      }
     } catch (...) {
       std::lock_guard<std::mutex> lock(error_mu_);
       writer_error_ = std::current_exception();
@@ -492,6 +562,9 @@ void ShardBuilder::hasher_loop() {
 }
 
 void ShardBuilder::stop_threads(bool discard) noexcept {
+  if (discard) aborting_.store(true, std::memory_order_release);  // the intake thread drains without ingesting
+  intake_.close(false);
+  if (intake_thread_.joinable()) intake_thread_.join();
   packs_.close(discard);
   if (writer_.joinable()) writer_.join();
   hashes_.close(discard);  // the writer, its only producer, has stopped
@@ -537,6 +610,7 @@ std::string ShardBuilder::sidecar_json(const ShardStats& s) const {
 ShardStats ShardBuilder::finish() {
   std::lock_guard<std::mutex> api_lock(api_mu_);
   if (finished_ || aborted_) throw std::logic_error("ShardBuilder: finish() called twice or after abort()");
+  drain();
   emit(planner_.flush());
   stop_threads(false);
   check_writer_error();
@@ -545,14 +619,14 @@ ShardStats ShardBuilder::finish() {
   docs_w_->finish();
 
   const std::string tmp = temp_path_for(sidecar_path_);
-  std::string json_sha;
+  std::string json_checksum;
   {
     FILE* f = std::fopen(tmp.c_str(), "wb");
     if (f == nullptr) throw std::runtime_error("cannot create " + tmp + ": " + std::strerror(errno));
     const std::string json = sidecar_json(stats_);
-    Sha256 json_hash;
+    Checksum json_hash(cfg_.checksum);
     json_hash.update(json.data(), json.size());
-    json_sha = json_hash.hexdigest();
+    json_checksum = json_hash.hexdigest();
     const bool ok = std::fwrite(json.data(), 1, json.size(), f) == json.size() && std::fflush(f) == 0 &&
                     ::fsync(::fileno(f)) == 0;
     std::fclose(f);
@@ -574,10 +648,10 @@ ShardStats ShardBuilder::finish() {
       {"tokens", tokens_w_.get()}, {"patches", patches_w_.get()}, {"docs", docs_w_.get()}};
   stats_.files.clear();
   for (const auto& [part, w] : parts) {
-    stats_.files.emplace_back(base + "." + part + ".bin", w->bin_sha256());
-    stats_.files.emplace_back(base + "." + part + ".idx", w->idx_sha256());
+    stats_.files.emplace_back(base + "." + part + ".bin", w->bin_checksum());
+    stats_.files.emplace_back(base + "." + part + ".idx", w->idx_checksum());
   }
-  stats_.files.emplace_back(base + ".json", json_sha);
+  stats_.files.emplace_back(base + ".json", json_checksum);
   return stats_;
 }
 
@@ -596,11 +670,13 @@ void ShardBuilder::abort() noexcept {
 
 ShardStats ShardBuilder::stats_snapshot() {
   std::lock_guard<std::mutex> api_lock(api_mu_);
+  if (!finished_ && !aborted_) drain();
   return stats_;
 }
 
 int64_t ShardBuilder::pending_documents() {
   std::lock_guard<std::mutex> api_lock(api_mu_);
+  if (!finished_ && !aborted_) drain();
   return planner_.pending();
 }
 
@@ -644,9 +720,29 @@ bool parse_long_text(const std::string& mode) {
   throw std::invalid_argument("long_text must be \"split\" or \"drop\", got \"" + mode + "\"");
 }
 
-void py_add_document(solo::ShardBuilder& b, const std::string& record_id, const py::list& items) {
+// The Python face of ShardBuilder: also owns what asynchronous add_document calls pinned (the arrays the intake thread
+// reads later) and drops each pin, under the GIL, once the intake thread is past its document.
+class PyShardBuilder : public solo::ShardBuilder {
+ public:
+  using solo::ShardBuilder::ShardBuilder;
+  ~PyShardBuilder() { abort(); }  // joins the intake thread before the pinned arrays are released
+  struct Pin {
+    uint64_t seq;
+    std::vector<py::object> objects;
+    std::vector<std::vector<int32_t>> converted;
+  };
+  std::deque<Pin> pins;
+  void unpin_completed() {
+    const uint64_t done = completed();
+    while (!pins.empty() && pins.front().seq <= done) pins.pop_front();
+  }
+};
+
+void py_add_document(PyShardBuilder& b, const std::string& record_id, const py::list& items,
+                     const std::optional<py::list>& release) {
   // Under the GIL: validate and pin the arrays (contiguous views; int64 token arrays are converted).
-  std::vector<py::array> keep;
+  b.unpin_completed();
+  std::vector<py::object> keep;
   std::vector<std::vector<int32_t>> converted;
   std::vector<solo::DocItem> doc_items;
   keep.reserve(items.size());
@@ -700,8 +796,27 @@ void py_add_document(solo::ShardBuilder& b, const std::string& record_id, const 
     }
     doc_items.push_back(item);
   }
-  py::gil_scoped_release nogil;
-  b.add_document(record_id, doc_items);
+  if (!release) {
+    py::gil_scoped_release nogil;
+    b.add_document(record_id, doc_items);
+    return;
+  }
+  std::vector<uint8_t*> flags;
+  for (py::handle h : *release) {
+    auto f = py::reinterpret_borrow<py::object>(h);
+    if (!py::array_t<uint8_t>::check_(f) || py::reinterpret_borrow<py::array>(f).size() < 1 ||
+        !py::reinterpret_borrow<py::array>(f).writeable()) {
+      throw py::type_error("record " + record_id + ": release flags must be writable uint8 arrays of size >= 1");
+    }
+    flags.push_back(static_cast<uint8_t*>(py::reinterpret_borrow<py::array>(f).mutable_data()));
+    keep.push_back(std::move(f));
+  }
+  uint64_t seq;
+  {
+    py::gil_scoped_release nogil;  // submit() may wait for room in the intake queue
+    seq = b.submit({record_id, std::move(doc_items), std::move(flags)});
+  }
+  b.pins.push_back({seq, std::move(keep), std::move(converted)});
 }
 
 py::dict py_plan_packs(const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& lengths,
@@ -759,13 +874,13 @@ py::dict py_plan_packs(const py::array_t<int64_t, py::array::c_style | py::array
 }  // namespace
 
 void register_packer(py::module_& m) {
-  py::class_<solo::ShardBuilder>(m, "ShardBuilder",
+  py::class_<PyShardBuilder>(m, "ShardBuilder",
                                  "Packs documents into seq_length packs and writes one shard: {prefix}.tokens/.patches/"
                                  ".docs (.bin/.idx, MMIDIDX) + {prefix}.json. See docs/shard_format.md.")
       .def(py::init([](const std::string& out_prefix, int64_t seq_length, int32_t bos_id, int32_t eos_id,
                        int32_t pad_id, int32_t vision_id, int32_t vpatch_id, int32_t row_sep_id,
                        int32_t vision_end_id, int64_t buffer_docs, const std::string& long_text, int threads,
-                       int32_t first_special_id, int64_t buffer_bytes) {
+                       int32_t first_special_id, int64_t buffer_bytes, const std::string& checksum) {
              solo::ShardBuilderConfig c;
              c.out_prefix = out_prefix;
              c.seq_length = seq_length;
@@ -781,67 +896,107 @@ void register_packer(py::module_& m) {
              c.threads = threads;
              c.first_special_id = first_special_id;
              c.buffer_bytes = buffer_bytes;
-             return std::make_unique<solo::ShardBuilder>(std::move(c));
+             c.checksum = solo::parse_checksum_algo(checksum);
+             return std::make_unique<PyShardBuilder>(std::move(c));
            }),
            py::arg("out_prefix"), py::arg("seq_length"), py::arg("bos_id"), py::arg("eos_id"), py::arg("pad_id"),
            py::arg("vision_id"), py::arg("vpatch_id"), py::arg("row_sep_id"), py::arg("vision_end_id"),
            py::arg("buffer_docs") = 4096, py::arg("long_text") = "split", py::arg("threads") = 1,
-           py::arg("first_special_id") = -1, py::arg("buffer_bytes") = int64_t{1} << 30)
-      .def("add_document", &py_add_document, py::arg("record_id"), py::arg("items"),
+           py::arg("first_special_id") = -1, py::arg("buffer_bytes") = int64_t{1} << 30,
+           py::arg("checksum") = "xxh64")
+      .def("add_document", &py_add_document, py::arg("record_id"), py::arg("items"), py::arg("release") = py::none(),
            "items in order: 1-D int32 token ids (text), uint8 [H, W, 3] images (H, W multiples of 32) or an image's "
            "patch grid uint8 [H/32, W/32, 3072] (patchify's output, reshaped). The document is [BOS] + items + "
-           "[EOS]. Releases the GIL.")
+           "[EOS]. Releases the GIL. release=None: returns once the document is copied in. release=[flags]: returns "
+           "at once (shapes are checked first); the builder's intake thread copies and packs the document later, in "
+           "call order, keeps the arrays alive until then (do not modify them), and sets each flag (a writable uint8 "
+           "array, e.g. a worker's slot-busy byte in shared memory) to 0 once the bytes are copied. Errors of a later "
+           "step surface on the next call.")
       .def(
           "finish",
-          [](solo::ShardBuilder& b) {
+          [](PyShardBuilder& b) {
             solo::ShardStats s;
-            {
+            try {
               py::gil_scoped_release nogil;
               s = b.finish();
+            } catch (...) {
+              b.unpin_completed();
+              throw;
             }
+            b.pins.clear();  // finish() joined the intake thread
             return stats_to_dict(s);
           },
           "Flush, write under temp names, fsync, rename into place ({prefix}.json last). Returns the counts.")
       .def(
-          "abort", [](solo::ShardBuilder& b) { b.abort(); }, "Drop everything and remove the temp files.")
+          "abort",
+          [](PyShardBuilder& b) {
+            {
+              py::gil_scoped_release nogil;
+              b.abort();
+            }
+            b.pins.clear();
+          },
+          "Drop everything and remove the temp files.")
       .def(
           "stats",
-          [](solo::ShardBuilder& b) {
+          [](PyShardBuilder& b) {
             solo::ShardStats s;
             {
               py::gil_scoped_release nogil;
               s = b.stats_snapshot();
             }
+            b.unpin_completed();
             return stats_to_dict(s);
           },
           "Running counts (packs emitted so far; documents still buffered are not counted yet).")
       .def_property_readonly("pending_documents",
-                             [](solo::ShardBuilder& b) {
+                             [](PyShardBuilder& b) {
                                py::gil_scoped_release nogil;
                                return b.pending_documents();
                              })
-      .def("__enter__", [](solo::ShardBuilder& b) -> solo::ShardBuilder& { return b; },
-           py::return_value_policy::reference)
-      .def("__exit__", [](solo::ShardBuilder& b, const py::object&, const py::object&, const py::object&) {
-        b.abort();  // no-op after finish(); a with-block left without finish() leaves no shard
+      .def("__enter__", [](PyShardBuilder& b) -> PyShardBuilder& { return b; }, py::return_value_policy::reference)
+      .def("__exit__", [](PyShardBuilder& b, const py::object&, const py::object&, const py::object&) {
+        {
+          py::gil_scoped_release nogil;
+          b.abort();  // no-op after finish(); a with-block left without finish() leaves no shard
+        }
+        b.pins.clear();
         return false;
       });
 
   m.def(
-      "sha256",
-      [](const py::buffer& data, bool portable) {
+      "checksum",
+      [](const py::buffer& data, const std::string& algo, bool portable) {
         const py::buffer_info info = data.request();
         if (!PyBuffer_IsContiguous(info.view(), 'C')) {
-          throw std::invalid_argument("sha256: the buffer must be C-contiguous");
+          throw std::invalid_argument("checksum: the buffer must be C-contiguous");
         }
+        const solo::ChecksumAlgo a = solo::parse_checksum_algo(algo);
         py::gil_scoped_release nogil;
-        solo::Sha256 h(portable);
-        h.update(info.ptr, static_cast<size_t>(info.size * info.itemsize));
+        const size_t n = static_cast<size_t>(info.size * info.itemsize);
+        if (a == solo::ChecksumAlgo::kSha256 && portable) {
+          solo::Sha256 h(/*portable=*/true);
+          h.update(info.ptr, n);
+          return "sha256:" + h.hexdigest();
+        }
+        solo::Checksum h(a);
+        h.update(info.ptr, n);
         return h.hexdigest();
       },
-      py::arg("data"), py::arg("portable") = false,
-      "hex SHA-256 of a contiguous buffer: the routine the ShardBuilder checksums its files with (portable=True: "
-      "skip the SHA-NI path; for tests).");
+      py::arg("data"), py::arg("algo") = "xxh64", py::arg("portable") = false,
+      "'<algo>:<hex>' of a contiguous buffer: the routine the ShardBuilder checksums its files with (algo 'xxh64' or "
+      "'sha256'; portable=True: SHA-256 without SHA-NI, for tests).");
+  m.def(
+      "file_checksum",
+      [](const std::string& path, const std::string& algo) {
+        const solo::ChecksumAlgo a = solo::parse_checksum_algo(algo);
+        py::gil_scoped_release nogil;
+        return solo::file_checksum(path, a);
+      },
+      py::arg("path"), py::arg("algo") = "xxh64", "'<algo>:<hex>' of a file's bytes (GIL released).");
+  m.def(
+      "release_buffers", [] { solo::patch_buffers().release(); },
+      "Free the process-wide pool of patch buffers that ShardBuilders recycle (call after the last builder).");
   m.attr("SHA256_HARDWARE") = solo::Sha256::hardware_accelerated();
 
   m.def("plan_packs", &py_plan_packs, py::arg("lengths"), py::arg("seq_length"), py::arg("buffer_docs") = 4096,

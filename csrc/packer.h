@@ -3,6 +3,7 @@
 // ({prefix}.json, renamed into place last: it marks a complete shard). See docs/shard_format.md.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -75,12 +76,16 @@ using TokenBuffer = std::vector<int32_t, DefaultInitAllocator<int32_t>>;
 
 // Process-wide free list of patch buffers: a written document's buffer is reused by a later document (of this or a
 // later builder), so steady-state packing neither page-faults fresh memory in nor hands it back to the OS. Holds at
-// most kMaxBytes of released buffers.
+// most kMaxBytes of released buffers: a whole builder buffer (buffer_bytes, default 1 GiB) and the packs queued
+// behind it. Smaller, the pool recycled only part of each packing round and the rest of the documents were copied
+// into freshly faulted, zeroed pages (~0.25 ms per 512-px image measured in a build; the largest cost of
+// add_document). The pool only ever holds memory the builders used at once before; release() returns it all.
 class BufferPool {
  public:
   ByteBuffer take(size_t n);  // size n, contents unspecified
   void give(ByteBuffer&& b);
-  static constexpr size_t kMaxBytes = size_t{256} << 20;
+  void release();  // free every pooled buffer (end of a build)
+  static constexpr size_t kMaxBytes = size_t{1280} << 20;
 
  private:
   std::mutex mu_;
@@ -100,6 +105,7 @@ struct ShardBuilderConfig {
   int64_t buffer_bytes = int64_t{1} << 30;  // also start a packing round when buffered documents hold this much
   bool drop_long_text = false;  // long_text="drop"
   int threads = 1;
+  ChecksumAlgo checksum = ChecksumAlgo::kXxh64;  // of every written file (checksum.h)
 };
 
 // One input item of a document: a text token run or an already-resized image (views, not owned). An image comes
@@ -118,7 +124,7 @@ struct ShardStats {
   int64_t tokens_total = 0, tokens_text = 0, tokens_vision = 0, pad_tokens = 0, slots = 0;
   int64_t text_docs_split = 0;
   std::vector<std::pair<std::string, std::string>> rejected;  // (record_id, reason)
-  std::vector<std::pair<std::string, std::string>> files;  // finish(): (file name, sha256 hex), shard_files() order
+  std::vector<std::pair<std::string, std::string>> files;  // finish(): (file name, "<algo>:<hex>"), shard_files() order
 };
 
 // A bounded FIFO between two threads: push() blocks while it is full, pop() while it is empty and returns false once
@@ -185,9 +191,24 @@ class ShardBuilder {
   ShardBuilder(const ShardBuilder&) = delete;
   ShardBuilder& operator=(const ShardBuilder&) = delete;
 
+  // A document to add later, on the intake thread. The caller keeps every pointer in `items` valid (and unchanged)
+  // until completed() >= the sequence number submit() returns; `release` flags (e.g. a worker's slot-busy byte in
+  // shared memory) are set to 0 as soon as the document's bytes have been copied.
+  struct Submission {
+    std::string record_id;
+    std::vector<DocItem> items;
+    std::vector<uint8_t*> release;
+  };
+
   // Thread-safe with respect to other calls on the same builder (serialised). Throws std::invalid_argument on a
-  // malformed item (image shape) naming the record.
+  // malformed item (image shape) naming the record. Returns once the document is copied in.
   void add_document(const std::string& record_id, const std::vector<DocItem>& items);
+  // The same, asynchronous: validates in the calling thread (errors name the record), then queues the document for
+  // the intake thread, which lays it out, copies its patches and packs, in submission order. Returns its sequence
+  // number. A document-producing process thereby hands over the copying and packing and goes on with the next
+  // record (the build's parent, which would otherwise be the bottleneck with many workers).
+  uint64_t submit(Submission doc);
+  uint64_t completed() const { return done_seq_.load(std::memory_order_acquire); }
   // Emits everything, writes + fsyncs all files under temp names, renames them into place (sidecar last).
   ShardStats finish();
   // Removes the temp files; the builder is unusable afterwards. Called by the destructor unless finished.
@@ -207,6 +228,10 @@ class ShardBuilder {
     std::vector<std::unique_ptr<Doc>> docs;
   };
 
+  void validate(const std::string& record_id, const std::vector<DocItem>& items) const;
+  void ingest(const std::string& record_id, const std::vector<DocItem>& items);  // on the intake thread
+  void intake_loop();
+  void drain();  // wait until the intake thread has ingested everything submitted; rethrows its error
   void add_doc_to_planner(std::unique_ptr<Doc> doc);
   void emit(std::vector<BestFitPlanner::Bin> bins);
   void write_pack(const PackJob& job);
@@ -225,10 +250,25 @@ class ShardBuilder {
   std::unique_ptr<MMIdxWriter> tokens_w_, patches_w_, docs_w_;
   std::string sidecar_path_;
 
-  // Packs go emit() -> packs_ -> writer thread (writes them in emission order) -> hashes_ -> hasher thread (the
-  // SHA-256 of the patches file, nearly all the bytes, over exactly what was written, in the same order; hashing runs
-  // beside the writes instead of in front of each of them), which hands the patch buffers back to the pool.
+  // Packs go emit() -> packs_ -> writer thread (writes them in emission order; XXH64 hashes each chunk just before
+  // writing it) which hands the patch buffers back to the pool. With SHA-256 (~1.7 GB/s, one sequential chain) the
+  // patches file, nearly all the bytes, is hashed by a third thread instead: writer -> hashes_ -> hasher thread, over
+  // exactly what was written, in the same order, beside the writes instead of in front of each of them.
   static constexpr size_t kMaxQueuedPacks = 8;
+  // submit() -> intake_ -> intake thread (ingest: layout, copy, planner, emit). Bounded: a full queue blocks submit().
+  static constexpr size_t kMaxQueuedDocs = 64;
+  struct Queued {
+    Submission doc;
+    uint64_t seq = 0;
+  };
+  BoundedQueue<Queued> intake_{kMaxQueuedDocs};
+  std::thread intake_thread_;
+  uint64_t submitted_seq_ = 0;  // under api_mu_
+  std::atomic<uint64_t> done_seq_{0};
+  std::mutex intake_mu_;
+  std::condition_variable intake_cv_;
+  std::exception_ptr intake_error_;  // under intake_mu_
+  std::atomic<bool> aborting_{false};
   void writer_loop();
   void hasher_loop();
   BoundedQueue<PackJob> packs_{kMaxQueuedPacks}, hashes_{kMaxQueuedPacks};

@@ -1,6 +1,6 @@
-"""The builder's fast paths against independent references: the C++ SHA-256 (both code paths) vs hashlib, the
-checksums ``ShardBuilder.finish`` reports vs hashlib over the files on disk, unpickled arrays (equal but not
-identical dtypes) accepted, and the worker -> parent slot handoff (reuse, busy flag, fallback)."""
+"""The builder's fast paths against independent references: the C++ XXH64 vs python-xxhash and SHA-256 (both code
+paths) vs hashlib, the checksums ``ShardBuilder.finish`` reports vs those over the files on disk, unpickled arrays
+(equal but not identical dtypes) accepted, and the worker -> parent slot handoff (reuse, busy flag, fallback)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pickle
 
 import numpy as np
 import pytest
+import xxhash
 
 from megatron_solo import _C
 from megatron_solo.data.shards import shard_files
@@ -25,16 +26,28 @@ def test_sha256_matches_hashlib(portable):
     rng = np.random.default_rng(0)
     for n in [*range(0, 130), 191, 192, 4095, 65536 + 7, 1 << 20]:
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert _C.sha256(data, portable=portable) == hashlib.sha256(data).hexdigest(), n
+        want = "sha256:" + hashlib.sha256(data).hexdigest()
+        assert _C.checksum(data, "sha256", portable=portable) == want, n
     arr = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    assert _C.sha256(arr) == hashlib.sha256(arr.tobytes()).hexdigest()
+    assert _C.checksum(arr, "sha256") == "sha256:" + hashlib.sha256(arr.tobytes()).hexdigest()
     with pytest.raises(ValueError, match="C-contiguous"):
-        _C.sha256(arr[:, ::2])
+        _C.checksum(arr[:, ::2])
 
 
-def test_finish_reports_the_sha256_of_each_written_file(tmp_path):
+def test_xxh64_matches_the_xxhash_package():
+    """XXH64 against python-xxhash (the reference C implementation), every tail length and stripe boundary."""
+    rng = np.random.default_rng(0)
+    for n in [*range(0, 130), 4095, 65536 + 7, 1 << 20]:
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert _C.checksum(data) == "xxh64:" + xxhash.xxh64(data).hexdigest(), n
+    assert _C.checksum(b"") == "xxh64:ef46db3751d8e999"  # the spec's value for empty input, seed 0
+    with pytest.raises(ValueError, match="'xxh64' or 'sha256'"):
+        _C.checksum(b"abc", "md5")
+
+
+def _build_random_shard(path, checksum: str) -> dict:
     rng = np.random.default_rng(1)
-    b = _C.ShardBuilder(str(tmp_path / "shard_00000"), 512, buffer_docs=8, **IDS)
+    b = _C.ShardBuilder(str(path / "shard_00000"), 512, buffer_docs=8, checksum=checksum, **IDS)
     for i in range(40):
         items = [rng.integers(3, 400, int(rng.integers(1, 60)), dtype=np.int32)]
         if i % 3 == 0:
@@ -43,12 +56,38 @@ def test_finish_reports_the_sha256_of_each_written_file(tmp_path):
         b.add_document(f"r{i}", pickle.loads(pickle.dumps(items)))
     stats = b.finish()
     assert stats["documents"] == 40 and stats["images"] == 14
-    want = {
-        os.path.basename(f): hashlib.sha256(open(f, "rb").read()).hexdigest()
-        for f in shard_files(tmp_path / "shard_00000")
-    }
-    assert stats["files"] == want == mf.shard_checksums(tmp_path, "shard_00000")
+    return stats
+
+
+@pytest.mark.parametrize("checksum", ["xxh64", "sha256"])
+def test_finish_reports_the_checksum_of_each_written_file(tmp_path, checksum):
+    """The digests hashed while writing (chunk by chunk in the writer, or on the hasher thread for sha256) equal
+    an independent implementation's over the files read back."""
+    stats = _build_random_shard(tmp_path, checksum)
+    ref = (lambda b: "xxh64:" + xxhash.xxh64(b).hexdigest()) if checksum == "xxh64" else None
+    ref = ref or (lambda b: "sha256:" + hashlib.sha256(b).hexdigest())
+    want = {os.path.basename(f): ref(open(f, "rb").read()) for f in shard_files(tmp_path / "shard_00000")}
+    assert stats["files"] == want == mf.shard_checksums(tmp_path, "shard_00000", checksum)
     assert list(stats["files"]) == list(want)  # shard_files() order
+    assert mf.verify_checksums(tmp_path, stats["files"]) == []
+    patches = tmp_path / "shard_00000.patches.bin"
+    data = bytearray(patches.read_bytes())
+    data[len(data) // 2] ^= 1
+    patches.write_bytes(data)
+    assert mf.verify_checksums(tmp_path, stats["files"]) == [
+        f"{patches}: {checksum} checksum mismatch (file changed or corrupt)"
+    ]
+
+
+def test_bare_sha256_digests_of_older_manifests_still_verify(tmp_path):
+    stats = _build_random_shard(tmp_path, "sha256")
+    bare = {name: digest.removeprefix("sha256:") for name, digest in stats["files"].items()}
+    assert all(":" not in d and len(d) == 64 for d in bare.values())
+    assert mf.verify_checksums(tmp_path, bare) == []
+    (tmp_path / "shard_00000.json").write_text("{}")
+    assert mf.verify_checksums(tmp_path, bare) == [
+        f"{tmp_path / 'shard_00000.json'}: sha256 checksum mismatch (file changed or corrupt)"
+    ]
 
 
 def test_patch_grid_items_give_the_same_shard_as_pixels(tmp_path):
@@ -75,6 +114,62 @@ def test_patch_grid_items_give_the_same_shard_as_pixels(tmp_path):
     with pytest.raises(TypeError, match="patch grid"):
         b2 = _C.ShardBuilder(str(tmp_path / "bad"), 256, **IDS)
         b2.add_document("bad", [np.zeros((2, 2, 3071), np.uint8)])
+
+
+def _mixed_docs(seed: int, n: int) -> list[list[np.ndarray]]:
+    """Text (int32 and int64, the converted path), pixels and patch grids."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n):
+        dtype = np.int64 if i % 4 == 0 else np.int32
+        items = [rng.integers(3, 400, int(rng.integers(1, 80))).astype(dtype)]
+        for k in range(int(rng.integers(0, 3))):
+            img = rng.integers(0, 256, (32 * int(rng.integers(1, 5)), 32 * int(rng.integers(1, 5)), 3), np.uint8)
+            items.append(patch_grid(img) if (i + k) % 2 else img)
+        docs.append(items)
+    return docs
+
+
+def test_queued_add_document_gives_the_same_shard_and_frees_each_slot(tmp_path):
+    """add_document(..., release=flags) returns at once; the intake thread copies and packs later, in call order,
+    from arrays the builder keeps alive (the caller drops its own), and clears each flag (a worker's slot-busy byte)
+    once its document is copied. The shard equals the one built with synchronous calls."""
+    docs = _mixed_docs(5, 60)
+    (tmp_path / "sync").mkdir()
+    (tmp_path / "queued").mkdir()
+    b = _C.ShardBuilder(str(tmp_path / "sync" / "s"), 256, buffer_docs=8, **IDS)
+    for i, items in enumerate(docs):
+        b.add_document(f"r{i}", items)
+    want = b.finish()
+    b = _C.ShardBuilder(str(tmp_path / "queued" / "s"), 256, buffer_docs=8, **IDS)
+    flags = []
+    for i, items in enumerate(docs):
+        doc_flags = [np.ones(1, np.uint8) for a in items if a.dtype == np.uint8]
+        flags += doc_flags
+        b.add_document(f"r{i}", [a.copy() for a in items], release=doc_flags)  # the copies die here
+    got = b.finish()
+    assert got == want
+    assert flags and all(f[0] == 0 for f in flags)
+
+
+def test_queued_add_document_checks_shapes_in_the_call_and_abort_frees_queued_slots(tmp_path):
+    b = _C.ShardBuilder(str(tmp_path / "s"), 256, **IDS)
+    text = np.arange(3, 20, dtype=np.int32)
+    with pytest.raises(ValueError, match="record bad, item 1"):
+        b.add_document("bad", [text, np.zeros((33, 32, 3), np.uint8)], release=[])
+    with pytest.raises(TypeError, match="release flags"):
+        b.add_document("bad-flag", [text], release=[np.ones(1, np.int32)])
+    flags = [np.ones(1, np.uint8) for _ in range(300)]
+    grid = np.zeros((2, 2, 3072), np.uint8)
+    for i, f in enumerate(flags):
+        b.add_document(f"r{i}", [text, grid], release=[f])
+    b.abort()  # queued documents are dropped, their slots handed back all the same
+    assert all(f[0] == 0 for f in flags)
+    assert list(tmp_path.iterdir()) == []
+    b = _C.ShardBuilder(str(tmp_path / "s"), 256, **IDS)
+    b.add_document("ok", [text], release=[])
+    assert b.stats()["input_documents"] == 1  # stats() waits for the intake thread
+    assert b.finish()["documents"] == 1
 
 
 def test_big_endian_tokens_are_converted_not_misread(tmp_path):

@@ -273,11 +273,11 @@ def test_validate_ok_then_catches_flipped_byte(built, tmp_path):
     data[5] ^= 0x01
     f.write_bytes(bytes(data))
     problems, _ = validate(bad)
-    assert any("sha256 mismatch" in p for p in problems)
+    assert any("checksum mismatch" in p for p in problems)
     r = subprocess.run(
         [sys.executable, "-m", "tools.preprocess", "validate", str(bad)], capture_output=True, text=True, cwd=ROOT
     )
-    assert r.returncode == 1 and "sha256 mismatch" in r.stderr and "INVALID" in r.stderr
+    assert r.returncode == 1 and "checksum mismatch" in r.stderr and "INVALID" in r.stderr
     # Structure checks alone: a <vpatch> without its patch is caught even when checksums are skipped.
     docs = IndexedDataset(str(bad / f"{man['shards'][0]['prefix']}.docs"))
     n_real = int(docs[0][-1])  # (IndexedDataset closes its mmap when collected: read the value while it lives)
@@ -368,7 +368,7 @@ def test_deterministic_across_worker_counts(built, corpus, tok_path, tmp_path):
     out, man = built
     d, specs, _ = corpus
     man0 = build(cfg_for(tmp_path / "w0", specs, tok_path, d, workers=0))
-    assert man0["shards"] == man["shards"]  # same files (sha256 per file), same record ranges
+    assert man0["shards"] == man["shards"]  # same files (checksum per file), same record ranges
     assert (tmp_path / "w0" / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
 
 

@@ -37,11 +37,22 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--long-text", choices=("split", "drop"), default="split", help="text longer than a pack")
     b.add_argument("--class-names", help="imagefolder: 'class_dir name' per line or a JSON object")
     b.add_argument("--buffer-docs", type=int, default=4096, help="packer best-fit buffer (documents)")
+    b.add_argument(
+        "--checksum",
+        choices=("xxh64", "sha256"),
+        default="xxh64",
+        help="per-file checksum in the manifest: xxh64 (default; `xxhsum` prints the same) or sha256 (slower; for "
+        "published shard sets)",
+    )
     b.add_argument("--quiet", action="store_true", help="no progress bar (logs)")
 
     v = sub.add_parser("validate", help="check a shard set: checksums, counts, boundaries; exit 1 on any problem")
     v.add_argument("dir")
-    v.add_argument("--no-checksums", action="store_true", help="skip the sha256 pass (structure checks only)")
+    v.add_argument(
+        "--no-checksums",
+        action="store_true",
+        help="skip reading every file back for its checksum (structure checks only)",
+    )
 
     i = sub.add_parser("inspect", help="render one pack to a PNG (images from their patches, text, token kinds)")
     i.add_argument("dir")
@@ -81,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 long_text=args.long_text,
                 class_names=args.class_names,
                 buffer_docs=args.buffer_docs,
+                checksum=args.checksum,
                 quiet=args.quiet,
             )
             print(summary(build(cfg)))

@@ -61,6 +61,7 @@ class BuildConfig:
     buffer_docs: int = 4096
     max_pixels: int = DEFAULT_MAX_PIXELS
     chunk_size: int = 32
+    checksum: str = mf.CHECKSUMS[0]  # per-file checksum algorithm ("xxh64" or "sha256")
     quiet: bool = False
 
 
@@ -91,6 +92,7 @@ def _build_key(cfg: BuildConfig, tok: SoloTokenizer, sources: list[dict]) -> str
         "class_names": class_names,
         "buffer_docs": cfg.buffer_docs,
         "max_pixels": cfg.max_pixels,
+        "checksum": cfg.checksum,
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -149,7 +151,7 @@ def _count_skip(group: dict, reason: str, record_id: str, detail: str = "") -> N
 
 def _finish_shard(out: Path, group: dict, end: int) -> dict:
     """Finish one shard group's builder (GIL released); returns its progress entry. The file checksums come from
-    the builder, which hashes the bytes as it writes them (the same sha256 that ``mf.verify_checksums`` reads back)."""
+    the builder, which hashes the bytes as it writes them (the same digests that ``mf.verify_checksums`` reads back)."""
     b, name = group["builder"], group["name"]
     if group["docs"]:
         stats = b.finish()
@@ -257,6 +259,8 @@ def build(cfg: BuildConfig) -> dict:
         raise BuildError(f"--seq-length {cfg.seq_length} is too small")
     if cfg.shard_size_packs < 1:
         raise BuildError("--shard-size-packs must be >= 1")
+    if cfg.checksum not in mf.CHECKSUMS:
+        raise BuildError(f"--checksum must be one of {', '.join(mf.CHECKSUMS)}, got {cfg.checksum!r}")
     specs = [SourceSpec.parse(s) for s in cfg.sources]
     if not specs:
         raise BuildError("no --source given")
@@ -299,7 +303,7 @@ def build(cfg: BuildConfig) -> dict:
 
     state: dict = {}
     next_shard = len(kept)
-    # Shards are finished (flush, fsync, rename, sha256) by one background thread while the next one is packed;
+    # Shards are finished (flush, fsync, rename, checksums) by one background thread while the next one is packed;
     # progress.json lists a shard only once that is done, always in shard order.
     closer = ThreadPoolExecutor(1, thread_name_prefix="shard-closer")
     closing: deque[Future] = deque()
@@ -328,7 +332,12 @@ def build(cfg: BuildConfig) -> dict:
             sample={},
             examples={},
             builder=_C.ShardBuilder(
-                str(out / name), cfg.seq_length, buffer_docs=cfg.buffer_docs, long_text=cfg.long_text, **ids
+                str(out / name),
+                cfg.seq_length,
+                buffer_docs=cfg.buffer_docs,
+                long_text=cfg.long_text,
+                checksum=cfg.checksum,
+                **ids,
             ),
         )
 
@@ -352,8 +361,8 @@ def build(cfg: BuildConfig) -> dict:
             if res.reason is not None:
                 _count_skip(state, res.reason, res.record_id, res.detail)
             else:
-                state["builder"].add_document(res.record_id, _arrays(res.items))
-                handoff.release(res.items)  # the packer copied the pixels: the workers may reuse their slots
+                # Queued for the builder's intake thread, which copies the patches, packs, and frees the slots.
+                state["builder"].add_document(res.record_id, _arrays(res.items), release=handoff.busy_flags(res.items))
                 state["docs"] += 1
                 state["tokens"] += res.n_tokens
             bar.update(res)
@@ -375,6 +384,7 @@ def build(cfg: BuildConfig) -> dict:
         bar.close()
         handoff.forget_maps()
         handoff.remove_own(handoff_dir, os.getpid())
+        _C.release_buffers()
 
     manifest = make_manifest(cfg, tok, sources, key, progress["shards"])
     mf.write_json_atomic(out / MANIFEST_NAME, manifest)

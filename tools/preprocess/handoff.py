@@ -5,8 +5,10 @@ buffers on both sides). Instead a worker copies the pixels into shared memory an
 
 ``export_slot`` (what the build uses): each worker keeps a set of reusable tmpfs files ("slots",
 ``/dev/shm/solo_pp_<parent>_<worker>_s<k>_<random>``), mapped by both sides. Byte 0 of a slot is its busy flag: the
-worker sets it and copies the pixels in; the parent maps the slot once (cached), gives the view to the packer (which
-copies it into its own buffer) and clears the flag (``release``). Reusing mapped pages saves the page allocation,
+worker sets it and copies the pixels in; the parent maps the slot once (cached) and gives the view and the slot's busy
+byte to the packer (``busy_flags``), whose intake thread copies the patches into its own buffer and then clears the
+flag itself, so the parent's Python thread neither waits for the copy nor takes part in the release (``release`` does
+it from Python, for callers that copy synchronously). Reusing mapped pages saves the page allocation,
 zeroing and faults a fresh file costs on both sides. When a worker's slots are all busy and hold
 ``MAX_SLOT_BYTES``, it falls back to ``export``: a one-shot file that the parent maps and unlinks at once.
 
@@ -45,6 +47,7 @@ class _Slot:
 _slots: list[_Slot] = []  # worker side: this process's slots
 _slot_bytes = 0
 _maps: dict[str, mmap.mmap] = {}  # parent side: slot path -> shared mapping
+_flags: dict[str, np.ndarray] = {}  # parent side: slot path -> uint8[1] view of its busy byte
 
 
 def default_dir() -> str:
@@ -141,6 +144,19 @@ def release(items: list) -> None:
             _maps[it[1]][0] = 0
 
 
+def busy_flags(items: list) -> list[np.ndarray]:
+    """Parent side: the busy byte of each slot among a result's (loaded) items, as writable uint8[1] views, for
+    ``ShardBuilder.add_document(..., release=...)`` to clear once the patches are copied."""
+    out = []
+    for it in items:
+        if is_token(it) and it[0] == "slot":
+            flag = _flags.get(it[1])
+            if flag is None:
+                flag = _flags[it[1]] = np.frombuffer(_maps[it[1]], np.uint8, 1, 0)
+            out.append(flag)
+    return out
+
+
 def discard(items: list) -> None:
     """Parent side: free the handoff files of a result that is not used."""
     for it in items:
@@ -155,6 +171,7 @@ def discard(items: list) -> None:
 def forget_maps() -> None:
     """Parent side, end of a build: drop the slot mappings (unmapped once no view references them)."""
     _maps.clear()
+    _flags.clear()
 
 
 def remove_own(directory: str, parent_pid: int) -> None:
