@@ -116,6 +116,9 @@ def test_resize_for_solo_shapes_and_passthrough():
         resize_for_solo(np.zeros((10, 10, 3), np.float32))
 
 
+BILINEAR = Image.Resampling.BILINEAR
+
+
 def _pillow(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(img, "RGB").resize(size, Image.Resampling.BILINEAR))
 
@@ -143,12 +146,27 @@ def test_cpp_resize_is_bit_identical_to_the_installed_pillow():
 
 
 def test_resize_policy_probes_tell_the_pass_orders_apart(monkeypatch):
-    """Each probe gives different bytes under the two orders, so the policy cannot pick the wrong one;
-    SOLO_RESIZE=pillow makes Pillow itself resize."""
+    """Each probe gives different bytes under the two orders, so the policy cannot pick the wrong one: Pillow >= 13
+    (here), a Pillow < 13 and a Pillow matching neither are told apart; SOLO_RESIZE=pillow makes Pillow resize."""
     rng = np.random.default_rng(0)
     for src, (h, w) in image_mod._RESIZE_PROBES:
         img = rng.integers(0, 256, (*src, 3), np.uint8)
         assert not np.array_equal(_C.resize_bilinear(img, w, h, True), _C.resize_bilinear(img, w, h, False)), src
+
+    # A Pillow < 13 (always horizontal first) is recognised: emulate it with two one-pass Pillow resizes.
+    def pillow_12(img, size):
+        im = Image.fromarray(img, "RGB")
+        return np.asarray(im.resize((size[0], im.size[1]), BILINEAR).resize(size, BILINEAR))
+
+    monkeypatch.setattr(image_mod, "_pillow_resize", pillow_12)
+    image_mod.resize_policy.cache_clear()
+    assert resize_policy() == "horizontal"
+    tall = rng.integers(0, 256, (300, 40, 3), dtype=np.uint8)
+    assert np.array_equal(resize_bilinear(tall, (32, 64)), pillow_12(tall, (32, 64)))
+    monkeypatch.setattr(image_mod, "_pillow_resize", lambda img, size: np.zeros((size[1], size[0], 3), np.uint8))
+    image_mod.resize_policy.cache_clear()
+    assert resize_policy() == "pillow"  # reproduces neither order: Pillow itself resizes
+    monkeypatch.undo()
     monkeypatch.setenv(image_mod.RESIZE_ENV, "pillow")
     image_mod.resize_policy.cache_clear()
     try:
