@@ -4,8 +4,8 @@
 //
 // Why our own: Pillow's two passes are scalar loops over 4-byte pixels, and going numpy -> PIL -> numpy around them
 // costs two more copies; resizing was about half of a preprocessing worker's time on 512-px photos. Integer sums do
-// not depend on the order of their terms, so the vertical pass here runs over whole rows with SIMD (AVX2 where the
-// CPU has it) and still gives Pillow's bytes. tests/test_image.py compares against the installed Pillow on many
+// not depend on the order of their terms, so both passes here run with SIMD (the vertical one over whole rows, the
+// horizontal one 8 output pixels at a time with AVX2 gathers, where the CPU has AVX2) and still give Pillow's bytes. tests/test_image.py compares against the installed Pillow on many
 // shapes, and format/image.py checks a few at import and falls back to Pillow should a future Pillow differ.
 #pragma once
 
