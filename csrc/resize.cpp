@@ -4,13 +4,19 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SOLO_RESIZE_X86 1  // AVX2 paths, chosen at run time; other architectures use the portable loops only
+#define SOLO_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SOLO_TARGET_CLONES
+#endif
 
 namespace py = pybind11;
 
@@ -33,7 +39,7 @@ inline double bilinear(double x) {
 
 // One output row of the vertical pass: out[i] = clip8(half + sum_t w[t] * rows[t][i]) for i < n bytes. Integer sums:
 // the order of the terms does not matter, so this vectorises over i.
-__attribute__((target_clones("avx2", "default"))) void vertical_row(const uint8_t* const* rows, const int32_t* w,
+SOLO_TARGET_CLONES void vertical_row(const uint8_t* const* rows, const int32_t* w,
                                                                     int taps, int64_t n, int32_t* acc,
                                                                     uint8_t* out) {
   for (int64_t i = 0; i < n; ++i) acc[i] = kHalf;
@@ -66,6 +72,7 @@ void horizontal_row(const uint8_t* in, const ResampleCoeffs& c, int64_t out_w, u
   }
 }
 
+#ifdef SOLO_RESIZE_X86
 // The horizontal pass with AVX2, 8 output pixels at a time: per tap, one gather of the 4 bytes at each output's input
 // pixel (R, G, B and a spare byte), split into channels and multiplied by the tap's weights, all in int32 lanes: the
 // same integer sums as the scalar loop. Taps past an output's count have weight 0 and a clamped index, so every
@@ -135,9 +142,12 @@ __attribute__((target("avx2"))) void horizontal_row_avx2(const uint8_t* in, cons
   }
 }
 
+#endif  // SOLO_RESIZE_X86
+
 void horizontal_rows(const uint8_t* src, int64_t src_stride, int64_t rows, const ResampleCoeffs& c, int64_t in_w,
                      int64_t out_w, uint8_t* dst) {
   const int64_t out_row = out_w * 3;
+#ifdef SOLO_RESIZE_X86
   if (cpu_has_avx2()) {
     const HorizontalPlan p = plan_horizontal(c, in_w, out_w);
     for (int64_t y = 0; y < rows; ++y) {
@@ -146,6 +156,7 @@ void horizontal_rows(const uint8_t* src, int64_t src_stride, int64_t rows, const
     }
     return;
   }
+#endif
   for (int64_t y = 0; y < rows; ++y) horizontal_row(src + y * src_stride, c, out_w, dst + y * out_row);
 }
 
