@@ -88,6 +88,8 @@ def test_bare_sha256_digests_of_older_manifests_still_verify(tmp_path):
     assert mf.verify_checksums(tmp_path, bare) == [
         f"{tmp_path / 'shard_00000.json'}: sha256 checksum mismatch (file changed or corrupt)"
     ]
+    problems = mf.verify_checksums(tmp_path, {"shard_00000.docs.idx": "md5:0123"})
+    assert problems == [f"{tmp_path / 'shard_00000.docs.idx'}: unknown checksum algorithm 'md5' in 'md5:0123'"]
 
 
 def test_patch_grid_items_give_the_same_shard_as_pixels(tmp_path):

@@ -7,7 +7,7 @@ Decisions (see docs/format.md):
 - Multi-frame files (GIF, APNG, TIFF, ...) use their first frame.
 - Images over ``max_pixels`` (default 64 Mpx) are refused before decoding (decompression-bomb limit).
 - The resize is PIL's bilinear (as released), computed by ``megatron_solo._C.resize_bilinear``: bit-identical to the
-  installed Pillow's ``Image.resize(size, BILINEAR)`` and 2-3x faster (csrc/resize.h). Which of Pillow's two pass
+  installed Pillow's ``Image.resize(size, BILINEAR)`` and 2-5x faster (csrc/resize.h). Which of Pillow's two pass
   orders applies is probed once per process; should the probe ever disagree, or ``SOLO_RESIZE=pillow`` is set, Pillow
   itself resizes.
 """

@@ -79,10 +79,15 @@ def verify_checksums(out_dir: Path, files: dict[str, str]) -> list[str]:
     problems = []
     for fname, want in files.items():
         p = out_dir / fname
+        try:
+            algo = checksum_algo(want)
+        except ValueError as e:
+            problems.append(f"{p}: {e}")
+            continue
         if not p.exists():
             problems.append(f"{p}: missing")
         elif not _matches(p, want):
-            problems.append(f"{p}: {checksum_algo(want)} checksum mismatch (file changed or corrupt)")
+            problems.append(f"{p}: {algo} checksum mismatch (file changed or corrupt)")
     return problems
 
 
