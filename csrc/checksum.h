@@ -39,7 +39,8 @@ const char* checksum_algo_name(ChecksumAlgo algo);
 
 class Checksum {
  public:
-  explicit Checksum(ChecksumAlgo algo = ChecksumAlgo::kXxh64) : algo_(algo) {}
+  // portable: SHA-256 without SHA-NI (tests compare both code paths)
+  explicit Checksum(ChecksumAlgo algo = ChecksumAlgo::kXxh64, bool portable = false) : algo_(algo), sha_(portable) {}
   void update(const void* data, size_t n);
   std::string hexdigest();  // "<algo>:<hex>"; finalises (no update() afterwards)
   ChecksumAlgo algo() const { return algo_; }

@@ -973,14 +973,8 @@ void register_packer(py::module_& m) {
         }
         const solo::ChecksumAlgo a = solo::parse_checksum_algo(algo);
         py::gil_scoped_release nogil;
-        const size_t n = static_cast<size_t>(info.size * info.itemsize);
-        if (a == solo::ChecksumAlgo::kSha256 && portable) {
-          solo::Sha256 h(/*portable=*/true);
-          h.update(info.ptr, n);
-          return "sha256:" + h.hexdigest();
-        }
-        solo::Checksum h(a);
-        h.update(info.ptr, n);
+        solo::Checksum h(a, portable);
+        h.update(info.ptr, static_cast<size_t>(info.size * info.itemsize));
         return h.hexdigest();
       },
       py::arg("data"), py::arg("algo") = "xxh64", py::arg("portable") = false,

@@ -64,8 +64,7 @@ def checksum_algo(digest: str) -> str:
 
 def _matches(path: Path, want: str) -> bool:
     algo = checksum_algo(want)
-    got = file_checksum(path, algo)
-    return got == want or (":" not in want and got == f"sha256:{want}")
+    return file_checksum(path, algo) == (want if ":" in want else f"{algo}:{want}")
 
 
 def shard_checksums(out_dir: Path, name: str, algo: str = CHECKSUMS[0]) -> dict[str, str]:
