@@ -242,15 +242,18 @@ def process(rec: Record) -> Result:
 
 
 def process_chunk(records: list[Record]) -> list[Result]:
-    """Documents for the packer: images leave as patch grids (patchified here, while the pixels are in this core's
-    cache), large ones through a tmpfs slot (``handoff``) when the build gave a directory."""
+    """Documents for the packer. In a worker process (the build gave a handoff directory) images leave as patch grids,
+    patchified here while the pixels are in this core's cache, large ones through a tmpfs slot (``handoff``). In the
+    build's own process (``--workers 0``) they stay pixels: the packer patchifies them in its one copy."""
     results = [process(r) for r in records]
     handoff_dir = _cfg.handoff_dir if _cfg is not None else ""
+    if not handoff_dir:
+        return results
     for res in results:
         res.items = [
             (
                 handoff.export_slot(it, handoff_dir, _cfg.parent_pid)
-                if handoff_dir and it.nbytes >= handoff.MIN_BYTES
+                if it.nbytes >= handoff.MIN_BYTES
                 else patch_grid(it)
             )
             if it.dtype == np.uint8
