@@ -48,7 +48,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "solo-preprocess=tools.preprocess.__main__:main",
+            "solo-preprocess=megatron_solo.preprocess.cli:main",
             "solo-extend-tokenizer=megatron_solo.format.tokens:main",
         ]
     },

@@ -40,7 +40,7 @@ from PIL import Image
 from megatron_solo.format.image import load_and_resize, solo_resize_shape
 from megatron_solo.format.layout import patch_grid
 from megatron_solo.format.tokens import SoloTokenizer, train_sentencepiece
-from tools.preprocess.build import BuildConfig, build
+from megatron_solo.preprocess.build import BuildConfig, build
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"

@@ -26,9 +26,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from megatron_solo.model import build_packed_seq_params, solo_losses
+    from megatron_solo.preprocess.demo import build_demo_shards
     from megatron_solo.training.arguments import parse_args
     from megatron_solo.training.loop import Trainer
-    from tools.preprocess.demo import build_demo_shards
 
     reps = int(os.environ.get("REPS", "9"))
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,8 +15,8 @@ import xxhash
 from megatron_solo import _C
 from megatron_solo.data.shards import shard_files
 from megatron_solo.format.layout import patch_grid
-from tools.preprocess import handoff
-from tools.preprocess import manifest as mf
+from megatron_solo.preprocess import handoff
+from megatron_solo.preprocess import manifest as mf
 
 IDS = dict(bos_id=1, eos_id=2, pad_id=0, vision_id=500, vpatch_id=501, row_sep_id=502, vision_end_id=503)
 

@@ -1,4 +1,5 @@
-"""tools.preprocess at the CLI level: all four source kinds (+ .gz/.zst), every record accounted for, bit-exact images,
+"""The shard builder at the CLI level (python -m tools.preprocess): all four source kinds (+ .gz/.zst), every record
+accounted for, bit-exact images,
 Megatron's IndexedDataset reading the output, exact skip counts on a corrupt corpus, determinism across worker
 counts, kill-and-resume byte-identity, validate and inspect. (C++ packing invariants: tests/test_packer.py.)"""
 
@@ -24,10 +25,10 @@ from PIL import Image
 from megatron_solo.data.shards import ShardSet
 from megatron_solo.format.image import load_and_resize
 from megatron_solo.format.tokens import SoloTokenizer, train_sentencepiece
-from tools.preprocess import handoff
-from tools.preprocess.build import KILL_AT_RECORD_ENV, BuildConfig, build
-from tools.preprocess.inspect_pack import KIND_COLOURS, render_pack
-from tools.preprocess.validate import validate
+from megatron_solo.preprocess import handoff
+from megatron_solo.preprocess.build import KILL_AT_RECORD_ENV, BuildConfig, build
+from megatron_solo.preprocess.inspect_pack import KIND_COLOURS, render_pack
+from megatron_solo.preprocess.validate import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "megatron_solo" / "demo_data" / "corpus.txt"
@@ -470,7 +471,7 @@ def test_handoff_roundtrip_and_stale_cleanup(tmp_path):
 
 
 def test_demo_small(tmp_path):
-    from tools.preprocess.demo import build_demo_shards
+    from megatron_solo.preprocess.demo import build_demo_shards
 
     res = build_demo_shards(tmp_path / "demo", seq_length=256)
     tok = SoloTokenizer(res["tokenizer"])

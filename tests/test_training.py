@@ -93,7 +93,7 @@ def _checkpoint_weights(it_dir: Path, tmp: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from tools.preprocess.demo import build_demo_shards
+    from megatron_solo.preprocess.demo import build_demo_shards
 
     tmp = tmp_path_factory.mktemp("train")
     data = build_demo_shards(tmp / "demo", seq_length=256)

@@ -1,4 +1,4 @@
-"""``tools.preprocess inspect DIR --pack I --out pack.png``: draw one pack the way the model sees it.
+"""``inspect DIR --pack I --out pack.png``: draw one pack the way the model sees it.
 
 Top: every token of the pack as a cell, coloured by kind (text, BOS/EOS, vision special, patch, pad), with document
 boundaries as black bars. Below: the documents in order, text decoded and each image rebuilt from its patches

@@ -1,4 +1,4 @@
-"""``tools.preprocess validate DIR``: checksums, counts vs the manifest, pack boundaries. Reads through ShardSet
+"""``validate DIR``: checksums, counts vs the manifest, pack boundaries. Reads through ShardSet
 (i.e. megatron-core's IndexedDataset), so what validates is what training will read."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from megatron_solo.data.shards import Shard, read_manifest
-from tools.preprocess import manifest as mf
+from megatron_solo.preprocess import manifest as mf
 
 
 def _check_pack(shard: Shard, i: int, where: str) -> tuple[list[str], dict]:

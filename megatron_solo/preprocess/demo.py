@@ -20,9 +20,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from megatron_solo.format.tokens import SoloTokenizer, train_sentencepiece
-from tools.preprocess.build import BuildConfig, build, summary
+from megatron_solo.preprocess.build import BuildConfig, build, summary
 
-CORPUS = Path(__file__).resolve().parents[2] / "megatron_solo" / "demo_data" / "corpus.txt"
+CORPUS = Path(__file__).resolve().parents[1] / "demo_data" / "corpus.txt"
 VOCAB = 1000
 COLOURS = {
     "red": (220, 30, 30),

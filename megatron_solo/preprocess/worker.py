@@ -1,7 +1,7 @@
 """Turn one raw record into a document (text token arrays + resized uint8 images), or a skip reason.
 
-Runs in the worker processes of ``tools.preprocess.build`` (Pillow decode + resize, SentencePiece), so everything
-here is per-process state set up by :func:`init_worker`. A bad record never raises: it returns a reason from
+Runs in the worker processes of ``megatron_solo.preprocess.build`` (Pillow decode + resize, SentencePiece), so
+everything here is per-process state set up by :func:`init_worker`. A bad record never raises: it returns a reason from
 ``SKIP_REASONS``.
 """
 
@@ -21,8 +21,8 @@ import numpy as np
 from megatron_solo.format.image import DEFAULT_MAX_PIXELS, ImageLoadError, load_and_resize
 from megatron_solo.format.layout import PATCH_SIZE, image_token_count, patch_grid
 from megatron_solo.format.tokens import SoloTokenizer
-from tools.preprocess import handoff
-from tools.preprocess.sources import Record
+from megatron_solo.preprocess import handoff
+from megatron_solo.preprocess.sources import Record
 
 # Reasons a record is skipped (worker side); the packer adds images_exceed_pack and long_text_dropped.
 SKIP_REASONS = (
@@ -63,7 +63,7 @@ class WorkerConfig:
     tokenizer: str
     fast_decode: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
-    handoff_dir: str = ""  # non-empty: images go back as tmpfs files (tools.preprocess.handoff), not pickled
+    handoff_dir: str = ""  # non-empty: images go back as tmpfs files (megatron_solo.preprocess.handoff), not pickled
     parent_pid: int = 0
 
 

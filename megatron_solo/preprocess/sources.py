@@ -1,7 +1,7 @@
-"""Input sources of ``tools.preprocess build``: each yields raw records in a deterministic order.
+"""Input sources of ``build``: each yields raw records in a deterministic order.
 
 A record is cheap to produce (a raw line, a path, the bytes of a tar member); all parsing and decoding happens in the
-worker processes (``tools.preprocess.worker``), so a bad record is found and counted there, never here.
+worker processes (``megatron_solo.preprocess.worker``), so a bad record is found and counted there, never here.
 
 Source specs (``--source KIND:PATH[,PATH...]``):
 

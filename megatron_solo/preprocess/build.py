@@ -1,4 +1,4 @@
-"""``tools.preprocess build``: raw corpora -> a shard set (``manifest.json`` + shards read by ``ShardSet``).
+"""``build``: raw corpora -> a shard set (``manifest.json`` + shards read by ``ShardSet``).
 
 Pipeline: the parent enumerates raw records (``sources``), N worker processes turn chunks of them into documents
 (``worker``: Pillow decode + resize, SentencePiece), and the parent feeds the results, in input order whatever N is,
@@ -34,10 +34,10 @@ from megatron_solo import _C
 from megatron_solo.data.shards import MANIFEST_NAME, SHARD_PARTS
 from megatron_solo.format.image import DEFAULT_MAX_PIXELS
 from megatron_solo.format.tokens import SoloTokenizer
-from tools.preprocess import handoff
-from tools.preprocess import manifest as mf
-from tools.preprocess.sources import SourceSpec, iter_records, read_class_names
-from tools.preprocess.worker import Result, WorkerConfig, init_worker, process_chunk
+from megatron_solo.preprocess import handoff
+from megatron_solo.preprocess import manifest as mf
+from megatron_solo.preprocess.sources import SourceSpec, iter_records, read_class_names
+from megatron_solo.preprocess.worker import Result, WorkerConfig, init_worker, process_chunk
 
 KILL_AT_RECORD_ENV = "SOLO_PREPROCESS_KILL_AT_RECORD"  # test hook: SIGKILL the build before adding record R
 

@@ -1,0 +1,125 @@
+"""The shard-building CLI: `python -m tools.preprocess {build,validate,inspect,demo}` (`solo-preprocess`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tools.preprocess", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="raw corpora -> a shard set (resumable: re-run the same command)")
+    b.add_argument(
+        "--source",
+        action="append",
+        required=True,
+        metavar="KIND:PATH[,PATH...]",
+        help="KIND: chat (chat-style JSONL), text ({'text': ...} JSONL), imagefolder (ROOT/<class>/<img>), wds "
+        "(WebDataset tars); .gz/.zst accepted. Repeatable; records are read in the order given",
+    )
+    b.add_argument("--tokenizer", required=True, help="SOLO-extended SentencePiece tokenizer.model")
+    b.add_argument("--out", required=True, help="output shard-set directory")
+    b.add_argument("--seq-length", type=int, default=32768, help="tokens per pack (default 32768)")
+    b.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="decode/tokenize processes (default: CPUs - 1, the parent packs and writes; 0: all in one process)",
+    )
+    b.add_argument("--shard-size-packs", type=int, default=128, help="about this many packs per shard (default 128)")
+    b.add_argument("--seed", type=int, default=1234, help="shuffles imagefolder records (default 1234)")
+    b.add_argument("--fast-decode", action="store_true", help="JPEG draft decoding before the exact resize (opt-in)")
+    b.add_argument("--long-text", choices=("split", "drop"), default="split", help="text longer than a pack")
+    b.add_argument("--class-names", help="imagefolder: 'class_dir name' per line or a JSON object")
+    b.add_argument("--buffer-docs", type=int, default=4096, help="packer best-fit buffer (documents)")
+    b.add_argument(
+        "--checksum",
+        choices=("xxh64", "sha256"),
+        default="xxh64",
+        help="per-file checksum in the manifest: xxh64 (default; `xxhsum` prints the same) or sha256 (slower; for "
+        "published shard sets)",
+    )
+    b.add_argument("--quiet", action="store_true", help="no progress bar (logs)")
+
+    v = sub.add_parser("validate", help="check a shard set: checksums, counts, boundaries; exit 1 on any problem")
+    v.add_argument("dir")
+    v.add_argument(
+        "--no-checksums",
+        action="store_true",
+        help="skip reading every file back for its checksum (structure checks only)",
+    )
+
+    i = sub.add_parser("inspect", help="render one pack to a PNG (images from their patches, text, token kinds)")
+    i.add_argument("dir")
+    i.add_argument("--pack", type=int, default=0, help="global pack index")
+    i.add_argument("--out", required=True, help="PNG to write")
+    i.add_argument("--tokenizer", help="tokenizer.model to decode text (default: the manifest's)")
+
+    d = sub.add_parser("demo", help="build the bundled demo shard sets (train/valid) + tokenizer")
+    d.add_argument("--out", required=True)
+    d.add_argument("--seq-length", type=int, default=1024)
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--quiet", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # megatron-core's import chain (IndexedDataset) warns about optional GPU packages; irrelevant to shards.
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    from megatron_solo.format.tokens import TokenizerError
+    from megatron_solo.preprocess.build import BuildError
+    from megatron_solo.preprocess.sources import SourceError
+
+    try:
+        if args.cmd == "build":
+            from megatron_solo.preprocess.build import BuildConfig, build, summary
+
+            cfg = BuildConfig(
+                sources=args.source,
+                tokenizer=args.tokenizer,
+                out=args.out,
+                seq_length=args.seq_length,
+                workers=args.workers,
+                shard_size_packs=args.shard_size_packs,
+                seed=args.seed,
+                fast_decode=args.fast_decode,
+                long_text=args.long_text,
+                class_names=args.class_names,
+                buffer_docs=args.buffer_docs,
+                checksum=args.checksum,
+                quiet=args.quiet,
+            )
+            print(summary(build(cfg)))
+            return 0
+        if args.cmd == "validate":
+            from megatron_solo.preprocess.validate import validate
+
+            problems, report = validate(args.dir, checksums=not args.no_checksums)
+            if problems:
+                for msg in problems[:50]:
+                    print(f"error: {msg}", file=sys.stderr)
+                print(f"{args.dir}: INVALID ({len(problems)} problem(s))", file=sys.stderr)
+                return 1
+            print(f"{args.dir}: OK ({report})")
+            return 0
+        if args.cmd == "inspect":
+            from megatron_solo.preprocess.inspect_pack import render_pack
+
+            print(render_pack(args.dir, args.pack, args.out, tokenizer=args.tokenizer))
+            return 0
+        from megatron_solo.preprocess.demo import run_demo
+
+        return run_demo(args.out, args.seq_length, quiet=args.quiet, workers=args.workers)
+    except (BuildError, SourceError, TokenizerError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
