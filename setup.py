@@ -38,12 +38,14 @@ setup(
         "pybind11>=2.10",
         "tqdm",
         "zstandard",
+        "pyarrow>=14",  # parquet / arrow / datasets.save_to_disk sources (read in record batches)
         "protobuf",  # sentencepiece_model_pb2: extending the tokenizer's ModelProto
     ],
     extras_require={
         # demo: the bundled demo data (matplotlib ships its photo), TensorBoard logs, HF export / generate
         "demo": DEMO_EXTRAS,
-        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash"],  # xxhash: the reference for our XXH64
+        # xxhash: the reference for our XXH64; datasets / webdataset: they write the source formats the tests read
+        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash", "datasets", "webdataset"],
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={

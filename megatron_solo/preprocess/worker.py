@@ -130,7 +130,8 @@ def process(rec: Record) -> Result:
         doc = _cfg.sources[rec.source].parse(rec)
         items, flags, dropped = _materialize(doc)
         if not items:
-            raise Skip("empty_text", "no text and no image")
+            lost = f" ({len(dropped)} image(s) dropped, e.g. {dropped[0][0]}: {dropped[0][1]})" if dropped else ""
+            raise Skip("empty_text", "no text and no image" + lost)
     except Skip as s:
         return Result(rec.record_id, rec.source, reason=s.reason, detail=s.detail[:300])
     except Exception as e:  # a record shape nobody foresaw must not stop a web-scale job: count it, keep going

@@ -228,7 +228,10 @@ def read_json_array(path: str, start: int = 0, stop: int | None = None) -> Itera
                         depth, gap = 1, m.end()
                         continue
                     if depth == 1:
-                        yield from _scalar(buf, gap, a, emit)
+                        for item in _scalar(buf, gap, a, emit):
+                            if stop is not None and item[0] >= stop:
+                                return
+                            yield item
                         if stop is not None and base + a >= stop:
                             return
                         elem = a
@@ -239,7 +242,9 @@ def read_json_array(path: str, start: int = 0, stop: int | None = None) -> Itera
                     yield emit(elem, m.end())
                     elem, gap = None, m.end()
                 elif depth == 0:
-                    yield from _scalar(buf, gap, a, emit)
+                    for item in _scalar(buf, gap, a, emit):
+                        if stop is None or item[0] < stop:
+                            yield item
                     return
                 elif depth < 0:
                     raise SourceError(f"{path}: unbalanced ']' or '}}' at byte {base + a}")
@@ -254,14 +259,16 @@ def read_json_array(path: str, start: int = 0, stop: int | None = None) -> Itera
             if not need_more:
                 pos = len(buf)
             # Keep what is still needed (the current element or an unfinished string), read on.
-            keep = min(x for x in (elem, pos, gap, counted) if x is not None)
-            keep = min(keep, pos)
-            line += buf.count(b"\n", counted, keep)
+            keep = min(x for x in (elem, pos, gap) if x is not None)
+            if counted > keep:  # newlines are counted up to ``counted``: keep that position, not recount
+                counted -= keep
+            else:
+                line += buf.count(b"\n", counted, keep)
+                counted = 0
             buf, base = buf[keep:], base + keep
             pos -= keep
             elem = None if elem is None else elem - keep
             gap = max(0, gap - keep)
-            counted = 0
             chunk = f.read(READ_CHUNK)
             eof = not chunk
             buf += chunk

@@ -144,6 +144,8 @@ class TableSource(Source):
                     start, size = g + 1, 0
             if start < md.num_row_groups or not out:
                 out.append(Extent(path, start, None))
+            else:  # the last extent reads to the end, as byte ranges do
+                out[-1] = Extent(path, out[-1].start, None)
             return out
         if path.endswith(".arrow"):
             return [Extent(path)]  # record batches: Extent(path, first_batch, stop_batch) reads a range
