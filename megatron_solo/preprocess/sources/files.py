@@ -193,93 +193,103 @@ def read_json_array(path: str, start: int = 0, stop: int | None = None) -> Itera
     with open_maybe_compressed(path) as f:
         if start:
             f.seek(start)
-        buf, base, eof = b"", start, False  # buf[0] is at file offset ``base``
-        pos = 0  # scan position in buf
-        depth = 1 if start else 0  # 1: inside the top-level array
-        elem = None  # buf offset of the current element's first byte
-        gap = 0  # buf offset where the text between elements began (a scalar element hides there)
-        line, counted = (count_newlines(path, start) + 1 if start else 1), 0
-
-        def emit(a: int, b: int) -> tuple[int, int, bytes]:
-            nonlocal line, counted
-            line += buf.count(b"\n", counted, a)
-            counted = a
-            return base + a, line, buf[a:b]
-
+        scan = _ArrayScanner(path, start)
         while True:
-            need_more = False
-            for m in _TOKEN.finditer(buf, pos):
-                a = m.start()
-                c = buf[a]
-                if c == 0x22:  # '"'
-                    if m.end() - a < 2 or buf[m.end() - 1] != 0x22 or _escaped_quote(buf, a, m.end()):
-                        need_more, pos = True, a
-                        break
-                    if depth == 1 and elem is None:  # a string element
-                        if stop is not None and base + a >= stop:
-                            return
-                        yield emit(a, m.end())
-                        gap = m.end()
-                    continue
-                if c in (0x5B, 0x7B):  # '[' '{'
-                    if depth == 0:
-                        if c != 0x5B:
-                            raise SourceError(f"{path}: not a JSON array (starts with {{)")
-                        depth, gap = 1, m.end()
-                        continue
-                    if depth == 1:
-                        for item in _scalar(buf, gap, a, emit):
-                            if stop is not None and item[0] >= stop:
-                                return
-                            yield item
-                        if stop is not None and base + a >= stop:
-                            return
-                        elem = a
-                    depth += 1
-                    continue
-                depth -= 1  # ']' '}'
-                if depth == 1 and elem is not None:
-                    yield emit(elem, m.end())
-                    elem, gap = None, m.end()
-                elif depth == 0:
-                    for item in _scalar(buf, gap, a, emit):
-                        if stop is None or item[0] < stop:
-                            yield item
+            for item in scan.elements():
+                if stop is not None and item[0] >= stop:
                     return
-                elif depth < 0:
-                    raise SourceError(f"{path}: unbalanced ']' or '}}' at byte {base + a}")
-            else:
-                pos = len(buf)
-            if eof:
-                if elem is not None:  # truncated: the partial element is a (bad) record
-                    yield emit(elem, len(buf))
-                elif depth == 0:
-                    raise SourceError(f"{path}: not a JSON array")
+                yield item
+            if scan.closed:
                 return
-            if not need_more:
-                pos = len(buf)
-            # Keep what is still needed (the current element or an unfinished string), read on.
-            keep = min(x for x in (elem, pos, gap) if x is not None)
-            if counted > keep:  # newlines are counted up to ``counted``: keep that position, not recount
-                counted -= keep
-            else:
-                line += buf.count(b"\n", counted, keep)
-                counted = 0
-            buf, base = buf[keep:], base + keep
-            pos -= keep
-            elem = None if elem is None else elem - keep
-            gap = max(0, gap - keep)
             chunk = f.read(READ_CHUNK)
-            eof = not chunk
-            buf += chunk
+            if not chunk:
+                yield from scan.finish()
+                return
+            scan.feed(chunk)
 
 
-def _scalar(buf: bytes, a: int, b: int, emit) -> Iterator[tuple[int, int, bytes]]:
-    """A non-container, non-string element (a number, ``null``) between two elements: yielded so it is counted."""
-    piece = buf[a:b].rstrip(_WS + b",")
-    lead = len(piece) - len(piece.lstrip(_WS + b","))
-    if piece[lead:]:
-        yield emit(a + lead, a + len(piece))
+class _ArrayScanner:
+    """The state of :func:`read_json_array` between buffer refills: a byte buffer holding the unfinished element,
+    the bracket depth, and the line count."""
+
+    def __init__(self, path: str, start: int):
+        self.path = path
+        self.buf, self.base = b"", start  # buf[0] is at file offset ``base``
+        self.pos = 0  # scan position in buf
+        self.depth = 1 if start else 0  # 1: inside the top-level array
+        self.elem: int | None = None  # buf offset of the current element's first byte
+        self.gap = 0  # buf offset where the text between elements began (a scalar element hides there)
+        self.line = count_newlines(path, start) + 1 if start else 1
+        self.counted = 0  # newlines of buf[:counted] are in ``line``
+        self.closed = False
+
+    def _emit(self, a: int, b: int) -> tuple[int, int, bytes]:
+        self.line += self.buf.count(b"\n", self.counted, a)
+        self.counted = a
+        return self.base + a, self.line, self.buf[a:b]
+
+    def _scalar(self, b: int) -> Iterator[tuple[int, int, bytes]]:
+        """A non-container, non-string element (a number, ``null``) before ``b``: yielded so it is counted."""
+        piece = self.buf[self.gap : b].rstrip(_WS + b",")
+        lead = len(piece) - len(piece.lstrip(_WS + b","))
+        if piece[lead:]:
+            yield self._emit(self.gap + lead, self.gap + len(piece))
+
+    def elements(self) -> Iterator[tuple[int, int, bytes]]:
+        """The elements complete in the buffer; stops at its end or at an unfinished string."""
+        buf = self.buf
+        for m in _TOKEN.finditer(buf, self.pos):
+            a, c = m.start(), buf[m.start()]
+            self.pos = m.end()
+            if c == 0x22:  # '"'
+                if m.end() - a < 2 or buf[m.end() - 1] != 0x22 or _escaped_quote(buf, a, m.end()):
+                    self.pos = a  # unfinished: rescan it with more bytes
+                    return
+                if self.depth == 1 and self.elem is None:  # a string element
+                    yield self._emit(a, m.end())
+                    self.gap = m.end()
+            elif c in (0x5B, 0x7B):  # '[' '{'
+                if self.depth == 0:
+                    if c != 0x5B:
+                        raise SourceError(f"{self.path}: not a JSON array (starts with {{)")
+                    self.depth, self.gap = 1, m.end()
+                    continue
+                if self.depth == 1:
+                    yield from self._scalar(a)
+                    self.elem = a
+                self.depth += 1
+            else:  # ']' '}'
+                self.depth -= 1
+                if self.depth == 1 and self.elem is not None:
+                    yield self._emit(self.elem, m.end())
+                    self.elem, self.gap = None, m.end()
+                elif self.depth == 0:
+                    yield from self._scalar(a)
+                    self.closed = True
+                    return
+                elif self.depth < 0:
+                    raise SourceError(f"{self.path}: unbalanced ']' or '}}' at byte {self.base + a}")
+        self.pos = len(buf)
+
+    def feed(self, chunk: bytes) -> None:
+        """Drop what is no longer needed (all before the current element / unfinished string) and append."""
+        keep = min(x for x in (self.elem, self.pos, self.gap) if x is not None)
+        if self.counted > keep:  # newlines are counted up to ``counted``: keep that position, not recount
+            self.counted -= keep
+        else:
+            self.line += self.buf.count(b"\n", self.counted, keep)
+            self.counted = 0
+        self.buf, self.base = self.buf[keep:] + chunk, self.base + keep
+        self.pos -= keep
+        self.elem = None if self.elem is None else self.elem - keep
+        self.gap = max(0, self.gap - keep)
+
+    def finish(self) -> Iterator[tuple[int, int, bytes]]:
+        """End of file before the array closed: a truncated file's partial element is a (bad) record."""
+        if self.elem is not None:
+            yield self._emit(self.elem, len(self.buf))
+        elif self.depth == 0:
+            raise SourceError(f"{self.path}: not a JSON array")
 
 
 def _escaped_quote(buf: bytes, a: int, end: int) -> bool:
