@@ -548,8 +548,18 @@ def test_bad_inputs_skip_and_count_in_every_new_kind(tok_path, tmp_path):
           {"images": [None], "texts": ["x", "y"]},
           {"images": [str(bomb)], "texts": [None]}]  # fmt: skip
     (tmp_path / "o.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ob))
+    mm = [
+        {"text_list": ["a"], "image_info": [{"image_name": "ok.png", "matched_text_index": 0}]},
+        {"text_list": ["a"], "image_info": [{"image_name": "ok.png", "matched_text_index": 5}]},  # bad_record
+        {"text_list": ["b"], "image_info": [{"image_base64": "@@", "matched_text_index": 0}]},
+    ]  # dropped bad_base64
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mm))
+    for cls, name, data in (("a", "good.png", good), ("a", "bad.png", bad), ("b", "good.jpg", good)):
+        (tmp_path / "folder" / cls).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "folder" / cls / name).write_bytes(data)
     specs = [f"llava:{tmp_path / 'l.jsonl'},loss-on=text", f"parquet:{tmp_path / 'p.parquet'}",
-             f"wds:{tmp_path / 'w.tar'}", f"obelics:{tmp_path / 'o.jsonl'}"]  # fmt: skip
+             f"wds:{tmp_path / 'w.tar'}", f"obelics:{tmp_path / 'o.jsonl'}", f"mmc4:{tmp_path / 'm.jsonl'}",
+             f"imagefolder:{tmp_path / 'folder'}"]  # fmt: skip
     man = build(cfg(tmp_path / "out", specs, tok_path, max_skip_fraction=1.0))
     got = [(s["skipped"]["by_reason"], s["dropped_images"]["by_reason"], s["counts"]) for s in man["sources"]]
     assert got == [
@@ -558,8 +568,10 @@ def test_bad_inputs_skip_and_count_in_every_new_kind(tok_path, tmp_path):
         ({"corrupt_image": 1, "empty_text": 1}, {}, {"records": 3, "documents": 1}),
         ({"bad_record": 2, "corrupt_image": 1, "invalid_utf8": 1}, {}, {"records": 5, "documents": 1}),
         ({"bad_record": 1, "empty_text": 1}, {"missing_file": 1}, {"records": 3, "documents": 1}),
+        ({"bad_record": 1}, {"bad_base64": 1}, {"records": 3, "documents": 2}),
+        ({"corrupt_image": 1}, {}, {"records": 3, "documents": 2}),
     ]  # fmt: skip
-    assert man["skipped"]["dropped_images"] == 1
+    assert man["skipped"]["dropped_images"] == 2
     ob_ex = man["sources"][3]["skipped"]["examples"]["empty_text"][0]  # all of its images dropped: says which
     assert ob_ex["id"] == f"{tmp_path / 'o.jsonl'}:3" and "dropped, e.g. decompression_bomb" in ob_ex["error"]
 

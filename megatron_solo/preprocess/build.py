@@ -339,8 +339,8 @@ class ShardGroups:
         self.group: _Group | None = None
         self.closer = ThreadPoolExecutor(1, thread_name_prefix="shard-closer")
         self.closing: deque[Future] = deque()
-        # Per source over the whole build so far (kept shards included): [records, documents], for failing fast.
-        self.seen = [[t.records, t.documents] for t in merge_tallies(plan.kept, len(plan.sources))]
+        # Per source over the whole build so far (kept shards included), for failing fast with examples.
+        self.seen = merge_tallies(plan.kept, len(plan.sources))
 
     def add(self, idx: int, res: Result) -> None:
         if self.group is None:
@@ -355,14 +355,15 @@ class ShardGroups:
             handoff.discard(res.items)
             reason, detail = limit
         seen = self.seen[res.source]
-        seen[0] += 1
+        seen.records += 1
         if reason is not None:
             g.skip(res.source, reason, res.record_id, detail)
+            seen.skip(reason, res.record_id, detail)
             self._fail_fast(res.source, seen)
         else:
             self._add_document(g, res)
             t.documents += 1
-            seen[1] += 1
+            seen.documents += 1
         if g.tokens >= self.target_tokens:
             self.close(idx + 1)
         elif self.closing:
@@ -384,17 +385,14 @@ class ShardGroups:
         g.tokens += res.n_tokens
         g.ids[res.record_id] = res.source
 
-    def _fail_fast(self, source: int, seen: list[int]) -> None:
+    def _fail_fast(self, source: int, seen: SourceTally) -> None:
         """A source whose first ``fail_fast_records`` records were all skipped is misconfigured: stop now rather
         than after hours (the shards finished so far are kept for a resume)."""
         n = self.cfg.fail_fast_records
-        if seen[1] == 0 and seen[0] == n and self.cfg.max_skip_fraction < 1.0:
-            g, src = self.group, self.plan.sources[source]
-            t = g.tally(source)
-            top = "; ".join(top_reasons(t.skipped, t.examples))
-            raise BuildError(
-                f"source {source + 1} {src.spec()}: its first {n:,} records were all skipped, stopping: {top}"
-            )
+        if seen.documents == 0 and seen.records == n and self.cfg.max_skip_fraction < 1.0:
+            top = "; ".join(top_reasons(seen.skipped, seen.examples))
+            spec = self.plan.sources[source].spec()
+            raise BuildError(f"source {source + 1} {spec}: its first {n:,} records were all skipped, stopping: {top}")
 
     def _open(self, first: int) -> None:
         name = _shard_name(self.next_shard)
