@@ -66,7 +66,7 @@ class ChatSource(JsonLinesSource):
                     if isinstance(url, dict):
                         url = url.get("url")
                     n_img += 1
-                    out.append(Image(self._image(url, base, f"{rec.record_id} image {n_img}")))
+                    out.append(Image(self._image(url, base, f"image {n_img}")))
                 else:
                     raise Skip("bad_record", f"unknown content part type {kind!r}")
             turns.append(Turn(role_of(m.get("role", "user")), tuple(out)))

@@ -102,6 +102,4 @@ class ImageFolderSource(Source):
 
     def parse(self, rec: Record) -> Document:
         path, label = rec.data
-        return Document(
-            self.render([Turn.of("user", Image(ImageRef(path, rec.record_id))), Turn.of("assistant", label)])
-        )
+        return Document(self.render([Turn.of("user", Image(ImageRef(path, path))), Turn.of("assistant", label)]))

@@ -63,8 +63,8 @@ class LlavaSource(JsonLinesSource):
         base = image_dir(self, rec)
         refs = []
         for k, p in enumerate(paths):
-            full = local_image(p, base, rec.record_id)
-            refs.append(ImageRef(full, f"{rec.record_id} image {k + 1} ({full})"))
+            full = local_image(p, base, f"image {k + 1}")
+            refs.append(ImageRef(full, f"image {k + 1} ({full})"))
         conv = obj.get("conversations")
         if conv is None:
             raise Skip("bad_record", "no 'conversations' list")

@@ -47,7 +47,7 @@ class Mmc4Source(InterleavedSource):
             idx = info.get("matched_text_index") if isinstance(info, dict) else None
             if not isinstance(idx, int) or not 0 <= idx < max(1, len(texts)):
                 raise Skip("bad_record", f"image_info[{k}] has no matched_text_index in range (0..{len(texts) - 1})")
-            ref = self._image(info, base, f"{rec.record_id} image {k + 1}", dropped)
+            ref = self._image(info, base, f"image {k + 1}", dropped)
             if ref is not None:
                 at.setdefault(idx, []).append(ref)
         after = self.opts.get("placement", "before") == "after"

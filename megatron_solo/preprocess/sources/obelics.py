@@ -36,7 +36,7 @@ class ObelicsSource(InterleavedSource):
         base, parts, dropped = image_dir(self, rec), [], []
         for k, (im, text) in enumerate(zip(images, texts)):
             if im is not None:
-                ref = self.image(im, base, f"{rec.record_id} image at {k}", dropped)
+                ref = self.image(im, base, f"image at {k}", dropped)
                 if ref is not None:
                     parts.append(ref)
             if text is not None:

@@ -98,7 +98,7 @@ class HFDatasetSource(TableSource):
         raw = row.get(self.image_col) if self.image_col else None
         values = raw if isinstance(raw, list) else [] if raw is None else [raw]
         base = image_dir(self, rec)
-        images = [image_ref(v, base, f"{rec.record_id} image {k + 1}") for k, v in enumerate(values)]
+        images = [image_ref(v, base, f"image {k + 1}") for k, v in enumerate(values)]
         if any(im is None for im in images):
             raise Skip("bad_record", "an image has neither bytes nor a path")
         value = row.get(self.text_col)

@@ -71,5 +71,5 @@ class WebDatasetSource(Source):
             raise Skip("bad_record", f"no .txt/.json caption (have {sorted(group)})")
         if not caption.strip():
             raise Skip("empty_text", "empty caption")
-        image = Image(ImageRef(group[img_key], f"{rec.record_id}.{img_key}"))
+        image = Image(ImageRef(group[img_key], f"member .{img_key}"))
         return Document(self.render([Turn.of("user", image), Turn.of("assistant", caption)]))
