@@ -468,6 +468,10 @@ def test_wrong_kind_zero_documents_fails_with_reasons(tok_path, tmp_path, cli):
     assert r.returncode == 1, r.stderr
     assert "0 documents from 6 records" in r.stderr and "use --source llava:" in r.stderr
     assert "bad_record 6" in r.stdout and "manifest.json" in r.stdout  # the summary: reasons per source + where
+    (tmp_path / "compact.json").write_text(json.dumps(json.loads(path.read_text())))  # the array on one line
+    r = cli("build", "--source", f"chat:{tmp_path / 'compact.json'}", "--tokenizer", str(tok_path), "--out",
+            str(tmp_path / "o2"), "--quiet")  # fmt: skip
+    assert r.returncode == 1 and "0 documents from 1 records" in r.stderr and "use --source llava:" in r.stderr
 
 
 def test_image_parquet_as_chat_and_obelics_as_parquet_fail(tok_path, tmp_path, cli):

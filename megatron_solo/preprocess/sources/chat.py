@@ -49,9 +49,8 @@ class ChatSource(JsonLinesSource):
             content = m.get("content") if isinstance(m, dict) else None
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
             if not isinstance(parts, list):
-                hint = (
-                    " (LLaVA from/value turns: use --source llava:...)" if isinstance(m, dict) and "from" in m else ""
-                )
+                llava = isinstance(m, dict) and ("from" in m or "conversations" in m)
+                hint = " (LLaVA-style records: use --source llava:...)" if llava else ""
                 raise Skip("bad_record", f"message without a 'content' string or list{hint}")
             out: list[Part] = []
             for part in parts:
