@@ -636,17 +636,22 @@ def test_json_array_streaming_reader(tmp_path, monkeypatch):
     assert got == [b'{"ok": 1}', b'{"bad": tru}', b'{"ok": 2}', b'{"cut": "x']
 
 
-def test_parquet_row_group_extents(tmp_path, tok_path):
-    pq.write_table(pa.table({"text": [f"row {i}" for i in range(50)]}), tmp_path / "t.parquet", row_group_size=7)
-    src = make_sources([f"parquet:{tmp_path / 't.parquet'}"])[0]
-    whole = [r.record_id for r in src.read(src.extents(str(tmp_path / "t.parquet"))[0])]
-    ext = src.extents(str(tmp_path / "t.parquet"), target_bytes=1)
-    assert len(ext) == 8 and ext[-1].stop is None
-    assert (
-        [r.record_id for e in ext for r in src.read(e)]
-        == whole
-        == [f"{tmp_path / 't.parquet'}[{i}]" for i in range(50)]
-    )
+def test_table_extents_row_groups_and_batches(tmp_path, tok_path):
+    """Parquet row groups and arrow record batches: any cut gives the whole file's records, in order, same ids."""
+    table = pa.table({"text": [f"row {i}" for i in range(50)]})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=7)
+    with pa.ipc.new_stream(str(tmp_path / "t.arrow"), table.schema) as w:  # the stream format datasets writes
+        for batch in table.to_batches(max_chunksize=7):
+            w.write_batch(batch)
+    for name in ("t.parquet", "t.arrow"):
+        path = str(tmp_path / name)
+        src = make_sources([f"parquet:{path}" if name.endswith("parquet") else f"arrow:{path}"])[0]
+        whole = [(r.record_id, r.data) for r in src.read(src.extents(path)[0])]
+        assert [rid for rid, _ in whole] == [f"{path}[{i}]" for i in range(50)]
+        for target in (1, 300, 10**9):
+            ext = src.extents(path, target_bytes=target)
+            assert ext[-1].stop is None and (len(ext) == 8 if target == 1 else True)
+            assert [(r.record_id, r.data) for e in ext for r in src.read(e)] == whole
 
 
 def test_build_key_follows_source_options(tok_path, tmp_path):

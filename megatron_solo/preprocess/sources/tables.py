@@ -131,55 +131,49 @@ class TableSource(Source):
         return []
 
     def extents(self, path: str, target_bytes: int | None = None) -> list[Extent]:
-        if path.endswith(".parquet"):
-            _, pq = _pa()
-            md = pq.ParquetFile(path).metadata
+        """Parquet: runs of row groups; arrow: runs of record batches (mapped, so counting them reads no data);
+        JSON lines: byte ranges. Each about ``target_bytes`` (uncompressed), the last one open-ended."""
+        if path.endswith((".parquet", ".arrow")):
             if not target_bytes:
                 return [Extent(path)]
-            out, start, size = [], 0, 0
-            for g in range(md.num_row_groups):
-                size += md.row_group(g).total_byte_size
-                if size >= target_bytes:
-                    out.append(Extent(path, start, g + 1))
-                    start, size = g + 1, 0
-            if start < md.num_row_groups or not out:
-                out.append(Extent(path, start, None))
-            else:  # the last extent reads to the end, as byte ranges do
-                out[-1] = Extent(path, out[-1].start, None)
-            return out
-        if path.endswith(".arrow"):
-            return [Extent(path)]  # record batches: Extent(path, first_batch, stop_batch) reads a range
+            return _cut(_unit_sizes(path), path, target_bytes)
         return [Extent(path, a, b) for a, b in byte_ranges(path, target_bytes)]
 
     def read(self, extent: Extent) -> Iterator[Record]:
         path = extent.path
         if path.endswith(".parquet"):
-            _, pq = _pa()
-            f = pq.ParquetFile(path)
-            stop = f.metadata.num_row_groups if extent.stop is None else extent.stop
-            # Row groups [start, stop); the first row's index counts the rows of the groups before.
-            groups = list(range(extent.start, stop))
-            first = sum(f.metadata.row_group(g).num_rows for g in range(extent.start))
-            cols = self._checked_columns(f.schema_arrow, path)
-            batches = f.iter_batches(batch_size=BATCH_ROWS, row_groups=groups, columns=cols or None) if groups else ()
-            for row, values in _rows(batches, [], first):
-                yield Record(f"{path}[{row}]", self.index, values)
+            rows = self._parquet_rows(extent)
         elif path.endswith(".arrow"):
-            with _open_ipc(path) as ipc:
-                cols = self._checked_columns(ipc.schema, path)
-                first, batches = 0, []
-                for k, batch in enumerate(ipc.batches):
-                    if extent.stop is not None and k >= extent.stop:
-                        break
-                    if k < extent.start:
-                        first += batch.num_rows
-                        continue
-                    for row, values in _rows([batch], cols, first):
-                        yield Record(f"{path}[{row}]", self.index, values)
-                    first += batch.num_rows
+            rows = self._arrow_rows(extent)
         else:
             for n, line in read_lines(path, extent.start, extent.stop):
                 yield Record(f"{path}:{n}", self.index, line)
+            return
+        for row, values in rows:
+            yield Record(f"{path}[{row}]", self.index, values)
+
+    def _parquet_rows(self, extent: Extent) -> Iterator[tuple[int, dict]]:
+        """Row groups [start, stop); the first row's index counts the rows of the groups before."""
+        _, pq = _pa()
+        f = pq.ParquetFile(extent.path)
+        md = f.metadata
+        groups = list(range(extent.start, md.num_row_groups if extent.stop is None else extent.stop))
+        first = sum(md.row_group(g).num_rows for g in range(extent.start))
+        cols = self._checked_columns(f.schema_arrow, extent.path)
+        if groups:
+            yield from _rows(f.iter_batches(batch_size=BATCH_ROWS, row_groups=groups, columns=cols or None), [], first)
+
+    def _arrow_rows(self, extent: Extent) -> Iterator[tuple[int, dict]]:
+        """Record batches [start, stop) of a memory-mapped IPC file."""
+        with _open_ipc(extent.path) as ipc:
+            cols = self._checked_columns(ipc.schema, extent.path)
+            first = 0
+            for k, batch in enumerate(ipc.batches):
+                if extent.stop is not None and k >= extent.stop:
+                    break
+                if k >= extent.start:
+                    yield from _rows([batch], cols, first)
+                first += batch.num_rows
 
     def _checked_columns(self, schema, path: str) -> list[str]:
         cols = self.columns(schema)
@@ -190,6 +184,26 @@ class TableSource(Source):
                 f"set the {self.kind} source's column mapping (docs/preprocess.md)"
             )
         return cols
+
+
+def _unit_sizes(path: str) -> list[int]:
+    """Bytes of each row group (parquet) / record batch (arrow) of a table file."""
+    if path.endswith(".parquet"):
+        md = _pa()[1].ParquetFile(path).metadata
+        return [md.row_group(g).total_byte_size for g in range(md.num_row_groups)]
+    with _open_ipc(path) as ipc:
+        return [b.nbytes for b in ipc.batches]
+
+
+def _cut(sizes: list[int], path: str, target_bytes: int) -> list[Extent]:
+    """Consecutive units grouped into extents of about ``target_bytes``; the last one reads to the end."""
+    out, start, acc = [], 0, 0
+    for k, size in enumerate(sizes):
+        acc += size
+        if acc >= target_bytes and k + 1 < len(sizes):
+            out.append(Extent(path, start, k + 1))
+            start, acc = k + 1, 0
+    return out + [Extent(path, start, None)]
 
 
 def image_ref(value: object, base: str, name: str) -> ImageRef | None:
