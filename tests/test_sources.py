@@ -196,6 +196,7 @@ def llava_pretrain(d: Path, n: int = 6) -> tuple[Path, Path, list]:
     return path, root, want
 
 
+@needs_targets
 def test_llava_pretrain_json_array_via_cli(tok_path, tok, tmp_path, cli):
     path, root, want = llava_pretrain(tmp_path)
     out = tmp_path / "out"
@@ -209,6 +210,7 @@ def test_llava_pretrain_json_array_via_cli(tok_path, tok, tmp_path, cli):
     assert_docs(out, tok, [ref_doc(p, tok) for p in want])  # default loss-on=assistant: the caption (and EOS) only
 
 
+@needs_targets
 def test_llava_665k_multiturn_mistral_matches_chat_template(tok_path, tok, tmp_path):
     """LLaVA-665K style JSONL (multi-turn, <image> in the first human turn, text-only records, a system turn):
     template=mistral loss-on=assistant. The ids equal chat_template.token_ids (what the processor and generate use),
@@ -252,6 +254,7 @@ def test_llava_665k_multiturn_mistral_matches_chat_template(tok_path, tok, tmp_p
 # --- Hugging Face datasets: parquet (to_parquet) and arrow (save_to_disk) ------------------------------------------
 
 
+@needs_targets
 def test_parquet_llava_onevision_layout_from_datasets(tok_path, tok, tmp_path):
     """A datasets ``Image`` feature with embedded bytes + LLaVA-OneVision's ``conversations`` column, written with
     ``Dataset.to_parquet``; found without a mapping; images bit-exact; per-CPU it is the same path as JPEG files."""
@@ -282,6 +285,7 @@ def test_parquet_llava_onevision_layout_from_datasets(tok_path, tok, tmp_path):
     assert_docs(out, tok, want)
 
 
+@needs_targets
 def test_arrow_save_to_disk_the_cauldron_layout(tok_path, tok, tmp_path):
     """The Cauldron's layout (``images``: a list of Image, ``texts``: a list of {user, assistant, source}) saved with
     ``save_to_disk``: the directory is read through its state.json; images go first."""
