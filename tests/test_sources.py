@@ -607,6 +607,27 @@ def test_spec_options_and_grouping(tmp_path):
     assert make_sources([f"text:{tmp_path / 't.jsonl'}"], {"template": "mistral"})[0].opts == {}
 
 
+def test_conversation_shapes_place_images():
+    """LLaVA from/value and HF role/content turns; images without placeholders go to the first USER turn (a system
+    turn first would break the mistral template); placeholder / image count mismatches are bad records."""
+    from megatron_solo.preprocess.sources.base import Skip
+    from megatron_solo.preprocess.sources.conversation import turns_from_messages
+
+    llava = [{"from": "system", "value": "Be nice."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]
+    assert turns_from_messages(llava, ["I"]) == [Turn.of("system", "Be nice."), Turn.of("user", Image("I"), "Hi"),
+                                                 Turn.of("assistant", "Yo")]  # fmt: skip
+    hf = [{"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "image"}, {"type": "image"}]},
+          {"role": "assistant", "content": "B"}]  # fmt: skip
+    assert turns_from_messages(hf, ["x", "y"]) == [
+        Turn.of("user", "A", Image("x"), Image("y")),
+        Turn.of("assistant", "B"),
+    ]
+    for msgs, images in (([{"from": "human", "value": "<image> <image>"}], ["x"]), (hf, ["x"]), (hf, ["x", "y", "z"])):
+        with pytest.raises(Skip) as e:
+            turns_from_messages(msgs, images)
+        assert e.value.reason == "bad_record"
+
+
 def test_jsonl_byte_ranges_partition_lines_exactly(tmp_path):
     lines = [json.dumps({"text": "x" * (i % 17), "i": i}) for i in range(200)]
     p = tmp_path / "big.jsonl"

@@ -62,7 +62,7 @@ def _text(value: object, what: str) -> str:
 
 def turns_from_messages(messages: object, images: list, images_first: bool = True) -> list[Turn]:
     """Turns of a LLaVA (``from``/``value``) or HF (``role``/``content``) message list with ``images`` placed:
-    at ``<image>`` placeholders / ``{"type": "image"}`` parts in order; with none, before the first turn's text
+    at ``<image>`` placeholders / ``{"type": "image"}`` parts in order; with none, before the first user turn's text
     (LLaVA's rule) when ``images_first``. A placeholder count that does not match the images is a bad record."""
     if not isinstance(messages, list) or not messages:
         raise Skip("bad_record", "no conversation turns (a non-empty list is expected)")
@@ -84,8 +84,9 @@ def turns_from_messages(messages: object, images: list, images_first: bool = Tru
             used += n
         raw.append((role, parts))
     if used == 0 and images and images_first:
-        role, parts = raw[0]
-        raw[0] = (role, [*(Image(im) for im in images), *parts])
+        k = next((i for i, (role, _) in enumerate(raw) if role == "user"), 0)  # the first user turn, not a system one
+        role, parts = raw[k]
+        raw[k] = (role, [*(Image(im) for im in images), *parts])
     elif used != len(images):
         raise Skip("bad_record", f"{used} image placeholder(s) for {len(images)} image(s)")
     return [Turn(role, tuple(parts)) for role, parts in raw]

@@ -3,7 +3,7 @@
 Record: ``{"id": str, "image": "rel/path.jpg" | [paths] | absent, "conversations": [{"from": "human" | "gpt" |
 "system", "value": str}, ...]}``. A file is a JSON array (streamed element by element, never loaded whole) or JSON
 lines; which one is told by its first byte. ``<image>`` in a value marks where the next image goes (LLaVA writes
-``"<image>\\n..."``); a record with images and no placeholder gets them before the first turn's text. Image paths
+``"<image>\\n..."``); a record with images and no placeholder gets them before the first user turn's text. Image paths
 resolve against ``image-root=DIR`` (or ``--image-root``; default the file's directory). A record without ``image`` is
 a text-only conversation. Record ids are ``FILE:LINE`` of the element's first byte; skip messages add the record's
 ``id``.

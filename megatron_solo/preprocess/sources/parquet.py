@@ -12,7 +12,7 @@ Columns (options ``KEY=COLUMN``; unset ones are found by name, in this order):
   ``caption`` (``caption``: the image(s), then the caption),
   ``text`` (``text``: a document, the image(s) (if any) then the text; no turns).
 
-Images without a placeholder go before the first turn's text. Defaults: conversations / texts ``template=plain
+Images without a placeholder go before the first user turn's text. Defaults: conversations / texts ``template=plain
 loss-on=assistant`` (the answers are the targets), caption ``loss-on=text`` (the caption is the target), text: a
 document (``template`` / ``loss-on`` do not apply). A file whose columns fit no mapping is an error naming them.
 """
