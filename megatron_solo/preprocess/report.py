@@ -18,6 +18,11 @@ DELIBERATE = ("long_text_dropped",)  # skips the user asked for (--long-text dro
 DEFAULT_MAX_SKIP_FRACTION = 0.05
 
 
+class BuildError(RuntimeError):
+    """The build cannot start or continue (bad options, an output directory holding another build, a source that
+    yields nothing from its first records)."""
+
+
 class BuildFailed(RuntimeError):
     """The build finished but its result fails a check (0 documents from a source, too many skips); ``manifest`` is
     the written manifest."""
