@@ -50,6 +50,8 @@ setup(
         "console_scripts": [
             "solo-preprocess=megatron_solo.preprocess.cli:main",
             "solo-extend-tokenizer=megatron_solo.format.tokens:main",
-        ]
+        ],
+        # lmms-eval finds its plug-in models here: `python -m lmms_eval --model solo --model_args pretrained=DIR`
+        "lmms_eval.models": ["solo=megatron_solo.eval.lmms_eval_solo:manifest"],
     },
 )
