@@ -9,7 +9,16 @@ processor chat template (``apply_chat_template``), batching (left padding), KV c
 ``python -m megatron_solo.generate`` and ``python -m megatron_solo.evaluate``, so a prompt gets the same answer
 from all three. A request's context is the user turn; its images (``doc_to_visual``) go where the context holds
 ``<image>``, otherwise first. ``loglikelihood`` scores the continuation as the assistant's answer (the tokens the
-chat template marks as targets of the last turn, without the closing EOS).
+chat template marks as targets of the last turn, without the closing EOS; the continuation's leading space is
+dropped: each text segment is encoded on its own, so the segment boundary already is a word boundary). Its value
+follows lmms-eval's convention, not lm-eval-harness's: lmms-eval's ``multiple_choice`` picks the choice with the
+SMALLEST value (``argmin``), because its bundled models return HF's ``loss``; so this returns the mean negative
+log-likelihood per continuation token (what ``model(..., labels=...).loss`` gives), and whether greedy decoding
+would produce the continuation.
+
+Results go back wrapped in lmms-eval's ``GenerationResult`` (with token counts for generated answers): lmms-eval
+0.7.3's evaluator turns any other non-string result into ``str(result)``, which would break ``multiple_choice`` /
+``loglikelihood`` tasks, whose ``(logprob, is_greedy)`` pairs it then cannot unpack.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from __future__ import annotations
 import json
 
 import torch
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 
 from megatron_solo import generate as solo_generate
@@ -101,7 +110,7 @@ class SoloLMMS(lmms):
         return text
 
     # ---- lmms interface ------------------------------------------------------------------------------------------
-    def generate_until(self, requests: list[Instance]) -> list[str]:
+    def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         """Greedy (or sampled, per the task's generation_kwargs) answers; requests with the same generation
         settings are batched ``batch_size`` at a time; stops at EOS or the task's ``until`` strings."""
         from tqdm import tqdm
@@ -109,7 +118,7 @@ class SoloLMMS(lmms):
         groups: dict[str, list[int]] = {}
         for k, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(k)
-        out: list[str | None] = [None] * len(requests)
+        out: list[GenerationResult | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), disable=self.rank != 0, desc="SOLO responding")
         for indices in groups.values():
             gen_kwargs = dict(requests[indices[0]].args[1])
@@ -126,20 +135,23 @@ class SoloLMMS(lmms):
                     convs, images=images, template=self.template, add_generation_prompt=True
                 )
                 g = solo_generate.decode(self.model, self.processor, inputs, sampling)
-                for k, text in zip(batch, g.texts):
-                    out[k] = self._cut(text, until)
+                prompt_lengths = inputs["attention_mask"].sum(1).tolist()
+                for k, text, ids, n_in in zip(batch, g.texts, g.ids, prompt_lengths):
+                    counts = TokenCounts(input_tokens=int(n_in), output_tokens=len(ids))
+                    out[k] = GenerationResult(self._cut(text, until), counts)
                 bar.update(len(batch))
         bar.close()
         return out
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """(log p(continuation | context), whether greedy decoding would produce it) per request; the continuation
-        is the assistant turn after the user's context (its closing EOS is not scored)."""
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """(mean negative log-likelihood per token of the continuation given the context, whether greedy decoding
+        would produce it) per request: lmms-eval's convention (module docstring)."""
         results = []
         for req in requests:
             context, doc_to_target, doc_to_visual, doc_id, task, split = req.args
             doc = self.task_dict[task][split][doc_id]
             continuation = doc_to_target if isinstance(doc_to_target, str) else doc_to_target(doc)
+            continuation = str(continuation).strip()
             conv, ims = self._conversation(context, self._visuals(doc_to_visual, doc_id, task, split), continuation)
             batch = self.processor.apply_chat_template(
                 conv, images=ims, template=self.template, return_targets=True, loss_on="last"
@@ -154,9 +166,9 @@ class SoloLMMS(lmms):
                 logits = self.model(input_ids=ids[None].to(device), patches=batch["patches"].to(device)).logits[0]
             logprobs = torch.log_softmax(logits[positions - 1].float(), dim=-1)
             wanted = ids[positions].to(device)
-            total = float(logprobs.gather(1, wanted[:, None]).sum())
+            nll = -float(logprobs.gather(1, wanted[:, None]).mean())
             greedy = bool((logprobs.argmax(-1) == wanted).all())
-            results.append((total, greedy))
+            results.append(GenerationResult((nll, greedy)))  # passed through unchanged (module docstring)
         return results
 
     def generate_until_multi_round(self, requests) -> list[str]:
