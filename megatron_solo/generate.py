@@ -235,16 +235,17 @@ def chat_loop(
     read: Callable[[], str] = input,
     write: Callable[[str], None] = print,
     status: Callable[[str], None] | None = None,
+    images: Sequence[str] = (),
 ) -> list:
     """Interactive chat: each message is a user turn; the history (turns and answers) is kept and re-rendered
-    whole every turn. Returns the final conversation (``Turn`` list)."""
+    whole every turn; ``images`` attach to the first message. Returns the final conversation (``Turn`` list)."""
     from megatron_solo.format.chat_template import TemplateError, Turn
     from megatron_solo.format.messages import to_turns
 
     status = status or (lambda s: print(s, file=sys.stderr))
     history: list = []
     system: list = []
-    images: list[str] = []
+    images = list(images)
     while True:
         try:
             line = read().strip()
@@ -323,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--input and --output go together")
     if args.chat and args.input:
         p.error("--chat and --input are different modes: choose one")
+    if args.input and (args.image or args.prompt):
+        p.error("--image / --prompt are for one prompt (or --chat); --input records carry their own")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
     sampling = Sampling(args.max_new_tokens, args.temperature is None, args.temperature or 1.0, args.top_p, args.seed)
@@ -337,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.chat:
             interactive = sys.stdin.isatty()
-            chat_loop(model, processor, template, sampling, read=lambda: input("user> " if interactive else ""))
+            read = lambda: input("user> " if interactive else "")
+            chat_loop(model, processor, template, sampling, read=read, images=args.image)
             return 0
         g = decode(model, processor, processor(text=args.prompt, images=list(args.image)), sampling)
     except (FileNotFoundError, ValueError, KeyError) as e:
