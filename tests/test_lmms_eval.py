@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.dist import REPO
+from tests.tiny_solo import single_process_env
 
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install -e .[eval]; docs/evaluation.md)")
 
@@ -91,8 +90,7 @@ def test_lmms_eval_runs_local_tasks_with_the_solo_adapter(tiny_solo, tmp_path):
 
     tasks = _make_tasks(tmp_path, tiny_solo.images)
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))  # fmt: skip
+    env = single_process_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
     cmd = [sys.executable, "-m", "lmms_eval", "--model", "solo", "--model_args",
            f"pretrained={tiny_solo.hf},template=mistral", "--tasks", "solo_local_vqa,solo_local_mc",
            "--include_path", str(tasks), "--batch_size", "2", "--device", "cpu", "--output_path", str(out),

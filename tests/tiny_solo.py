@@ -14,6 +14,18 @@ import numpy as np
 
 from tests.dist import REPO
 
+# torch.distributed rendezvous variables: megatron_solo.parallel.initialize sets them in a process that starts a
+# 1-rank world (some tests do, in pytest's own process); a child must not inherit them (accelerate, in lmms-eval,
+# would join that world's store instead of running alone).
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def single_process_env(**extra: str) -> dict[str, str]:
+    """The environment of a one-process CLI child: the repo importable, no GPU, 1 thread, no inherited rank."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("TORCHELASTIC_")}
+    env.update(PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", **extra)
+    return env
+
 
 @dataclass
 class TinySolo:
@@ -48,7 +60,7 @@ def build_tiny_solo(root: Path) -> TinySolo:
     root.mkdir(parents=True, exist_ok=True)
     hf_mistral, solo, hf = root / "hf_mistral", root / "solo", root / "hf_solo"
     make_hf_mistral(hf_mistral)
-    env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env = single_process_env()
     proc = subprocess.run(
         [
             sys.executable,
