@@ -28,7 +28,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -116,7 +116,6 @@ class Throughput:
     seconds: float = 0.0
     calls: int = 0
     rows: int = 0
-    _started: float = field(default_factory=time.perf_counter)
 
     def add(self, g: Generation) -> None:
         self.new_tokens += g.new_tokens
@@ -209,18 +208,24 @@ def generate_jsonl(
     out_path = Path(output_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f, tqdm(total=len(records), disable=not progress, unit="conv") as bar:
-        for start in range(0, len(records), batch_size):
-            batch = records[start : start + batch_size]
-            g = chat(model, processor, [r.turns for r in batch], template, sampling)
-            stats.add(g)
-            for r, text, ids in zip(batch, g.texts, g.ids):
-                row = {"id": r.id, "answer": text, "num_tokens": len(ids)}
-                if r.reference is not None:
-                    row["reference"] = r.reference
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            bar.update(len(batch))
-    tmp.replace(out_path)  # never a half-written answers file under the final name
+    try:
+        with tmp.open("w", encoding="utf-8") as f, tqdm(total=len(records), disable=not progress, unit="conv") as bar:
+            for start in range(0, len(records), batch_size):
+                batch = records[start : start + batch_size]
+                try:
+                    g = chat(model, processor, [r.turns for r in batch], template, sampling)
+                except ValueError as e:  # an image that does not decode, a template error: name the records
+                    raise ValueError(f"{batch[0].where} .. {batch[-1].where}: {e}") from e
+                stats.add(g)
+                for r, text, ids in zip(batch, g.texts, g.ids):
+                    row = {"id": r.id, "answer": text, "num_tokens": len(ids)}
+                    if r.reference is not None:
+                        row["reference"] = r.reference
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                bar.update(len(batch))
+        tmp.replace(out_path)  # never a half-written answers file under the final name
+    finally:
+        tmp.unlink(missing_ok=True)
     return stats
 
 

@@ -252,6 +252,12 @@ def test_generate_cli_jsonl_batches_in_input_order(hf, tiny_solo, tmp_path, caps
     assert main(args) == 1
     assert "prompts.jsonl:2: the conversation must end with a user turn" in capsys.readouterr().err
     assert not out.exists(), "no answers file from a run that failed"
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    _write_jsonl(inp, [rows[2], {"id": "b", "image": "broken.png", "conversations": rows[0]["conversations"][:1]}])
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "prompts.jsonl:1 .. " in err and "prompts.jsonl:2: " in err and "broken.png" in err, err[-1500:]
+    assert not out.exists() and not list(tmp_path.glob("answers.jsonl*")), "no answers file, no temp file left"
 
 
 def test_chat_cli_keeps_the_history(hf, tiny_solo, monkeypatch, capsys):

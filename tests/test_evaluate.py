@@ -99,3 +99,9 @@ def test_task_api_with_the_callers_own_model_fn(task_files):
     assert cap_task.items[2].turns[0].content[-1] == "Describe:"
     with pytest.raises(RuntimeError, match="returned 1 answers for 3 prompts"):
         cap_task.run(lambda convs: ["x"], progress=False)
+
+    def broken(convs):
+        raise ValueError("cannot decode image")
+
+    with pytest.raises(ValueError, match=r"caps.jsonl: items c1 .. c3: cannot decode image"):
+        cap_task.run(broken, batch_size=4, progress=False)

@@ -131,7 +131,10 @@ class Task:
         with tqdm(total=len(self.items), desc=self.name, unit="item", disable=not progress) as bar:
             for start in range(0, len(self.items), batch_size):
                 batch = self.items[start : start + batch_size]
-                got = list(model_fn([it.turns for it in batch]))
+                try:
+                    got = list(model_fn([it.turns for it in batch]))
+                except ValueError as e:  # e.g. an image that does not decode: name the items
+                    raise ValueError(f"{self.source or self.name}: items {batch[0].id} .. {batch[-1].id}: {e}") from e
                 if len(got) != len(batch):
                     raise RuntimeError(f"model_fn returned {len(got)} answers for {len(batch)} prompts")
                 answers += [str(a) for a in got]
