@@ -464,14 +464,14 @@ def test_imagefolder_torchvision_class_index_and_bad_mapping_files(tok_path, tok
 
 def test_wrong_kind_zero_documents_fails_with_reasons(tok_path, tmp_path, cli):
     """LLaVA JSON given as chat: 0 documents -> exit 1, the reasons and the kind to use on stderr."""
-    path, root, _ = llava_pretrain(tmp_path)
+    path, root, _ = llava_pretrain(tmp_path, n=3)
     jsonl = tmp_path / "pretrain.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in json.loads(path.read_text())))
     r = cli("build", "--source", f"chat:{jsonl}", "--tokenizer", str(tok_path), "--out", str(tmp_path / "o"),
                 "--quiet")  # fmt: skip
     assert r.returncode == 1, r.stderr
-    assert "0 documents from 6 records" in r.stderr and "use --source llava:" in r.stderr
-    assert "bad_record 6" in r.stdout and "manifest.json" in r.stdout  # the summary: reasons per source + where
+    assert "0 documents from 3 records" in r.stderr and "use --source llava:" in r.stderr
+    assert "bad_record 3" in r.stdout and "manifest.json" in r.stdout  # the summary: reasons per source + where
     (tmp_path / "compact.json").write_text(json.dumps(json.loads(path.read_text())))  # the array on one line
     r = cli("build", "--source", f"chat:{tmp_path / 'compact.json'}", "--tokenizer", str(tok_path), "--out",
             str(tmp_path / "o2"), "--quiet")  # fmt: skip
@@ -608,23 +608,24 @@ def test_spec_options_and_grouping(tmp_path):
 
 
 def test_conversation_shapes_place_images():
-    """LLaVA from/value and HF role/content turns; images without placeholders go to the first USER turn (a system
-    turn first would break the mistral template); placeholder / image count mismatches are bad records."""
+    """LLaVA from/value and HF role/content turns (read by format.messages, as generate reads them); images without
+    placeholders go to the first USER turn (a system turn first would break the mistral template); placeholder /
+    image count mismatches are bad records."""
     from megatron_solo.preprocess.sources.base import Skip
-    from megatron_solo.preprocess.sources.conversation import turns_from_messages
+    from megatron_solo.preprocess.sources.conversation import turns
 
     llava = [{"from": "system", "value": "Be nice."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]
-    assert turns_from_messages(llava, ["I"]) == [Turn.of("system", "Be nice."), Turn.of("user", Image("I"), "Hi"),
+    assert turns(llava, ["I"]) == [Turn.of("system", "Be nice."), Turn.of("user", Image("I"), "Hi"),
                                                  Turn.of("assistant", "Yo")]  # fmt: skip
     hf = [{"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "image"}, {"type": "image"}]},
           {"role": "assistant", "content": "B"}]  # fmt: skip
-    assert turns_from_messages(hf, ["x", "y"]) == [
+    assert turns(hf, ["x", "y"]) == [
         Turn.of("user", "A", Image("x"), Image("y")),
         Turn.of("assistant", "B"),
     ]
     for msgs, images in (([{"from": "human", "value": "<image> <image>"}], ["x"]), (hf, ["x"]), (hf, ["x", "y", "z"])):
         with pytest.raises(Skip) as e:
-            turns_from_messages(msgs, images)
+            turns(msgs, images)
         assert e.value.reason == "bad_record"
 
 

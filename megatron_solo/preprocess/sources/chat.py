@@ -4,7 +4,8 @@ Record: ``{"messages": [{"role": "user", "content": [{"type": "text", "text": ..
 "image_url": {"url": ...}}]}]}`` (also ``conversations`` for ``messages``, a bare list of messages, string
 ``content``, ``{"type": "image", "image": url}``). ``url``: a base64 ``data:`` URL, a path (relative to
 ``image-root``, default the JSONL file's directory) or ``file://``; ``http(s)`` is ``unsupported_url``. A message
-without ``role`` is a user turn.
+without ``role`` is a user turn. The messages are read by ``format.messages`` (as ``generate`` reads them), so
+``<image>`` in a text is a placeholder there too.
 
 Default ``template=plain loss-on=text``: the parts in order, each text part its own token run, nothing inserted (the
 released pre-training pipeline; every text token is a target).
@@ -15,9 +16,8 @@ from __future__ import annotations
 import base64
 import binascii
 
-from megatron_solo.format.chat_template import Image, Part, Turn
 from megatron_solo.preprocess.sources.base import Document, ImageRef, Record, Skip, register
-from megatron_solo.preprocess.sources.conversation import json_value, role_of
+from megatron_solo.preprocess.sources.conversation import json_value, turns
 from megatron_solo.preprocess.sources.jsonl import JsonLinesSource, image_dir, local_image
 
 
@@ -29,6 +29,12 @@ def data_url_bytes(url: str) -> bytes:
         return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as e:
         raise Skip("bad_base64", str(e)) from None
+
+
+def _with_role(m: object) -> object:
+    if isinstance(m, dict) and "role" not in m and "from" not in m and "content" in m:
+        return {"role": "user", **m}
+    return m
 
 
 @register
@@ -43,33 +49,18 @@ class ChatSource(JsonLinesSource):
         messages = obj.get("messages", obj.get("conversations")) if isinstance(obj, dict) else obj
         if not isinstance(messages, list):
             raise Skip("bad_record", "no 'messages' list")
+        if not messages:
+            raise Skip("empty_text", "no messages")
+        # The released format's messages always name a role; a message without one is a user turn (as before).
+        messages = [_with_role(m) for m in messages]
         base = image_dir(self, rec)
-        turns, n_img = [], 0
-        for m in messages:
-            content = m.get("content") if isinstance(m, dict) else None
-            parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-            if not isinstance(parts, list):
-                llava = isinstance(m, dict) and ("from" in m or "conversations" in m)
-                hint = " (LLaVA-style records: use --source llava:...)" if llava else ""
-                raise Skip("bad_record", f"message without a 'content' string or list{hint}")
-            out: list[Part] = []
-            for part in parts:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    text = part.get("text")
-                    if not isinstance(text, str):
-                        raise Skip("bad_record", "text part without a 'text' string")
-                    out.append(text)
-                elif kind in ("image_url", "image"):
-                    url = part.get(kind)
-                    if isinstance(url, dict):
-                        url = url.get("url")
-                    n_img += 1
-                    out.append(Image(self._image(url, base, f"image {n_img}")))
-                else:
-                    raise Skip("bad_record", f"unknown content part type {kind!r}")
-            turns.append(Turn(role_of(m.get("role", "user")), tuple(out)))
-        return Document(self.render(turns))
+        try:
+            return Document(self.render(turns(messages, (), lambda url, name: self._image(url, base, name))))
+        except Skip as s:
+            if s.reason == "bad_record" and any(isinstance(m, dict) and ("conversations" in m or "image" in m)
+                                                for m in [obj, *messages]):  # fmt: skip
+                s.detail += " (a LLaVA-style record: use --source llava:...)"
+            raise
 
     @staticmethod
     def _image(url: object, base: str, name: str) -> ImageRef:

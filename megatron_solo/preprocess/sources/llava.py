@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from megatron_solo.preprocess.sources.base import Document, Extent, ImageRef, Record, Skip, register
-from megatron_solo.preprocess.sources.conversation import json_object, turns_from_messages
+from megatron_solo.preprocess.sources.conversation import json_object, turns
 from megatron_solo.preprocess.sources.files import first_byte, read_json_array
 from megatron_solo.preprocess.sources.jsonl import JsonLinesSource, image_dir, local_image
 
@@ -68,4 +68,4 @@ class LlavaSource(JsonLinesSource):
         conv = obj.get("conversations")
         if conv is None:
             raise Skip("bad_record", "no 'conversations' list")
-        return turns_from_messages(conv, refs)
+        return turns(conv, refs)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from megatron_solo.format.chat_template import Image, Rendered, Segment, Turn
 from megatron_solo.preprocess.sources.base import Document, Record, Skip, SourceError, register
-from megatron_solo.preprocess.sources.conversation import turns_from_messages
+from megatron_solo.preprocess.sources.conversation import turns
 from megatron_solo.preprocess.sources.jsonl import image_dir
 from megatron_solo.preprocess.sources.tables import TableSource, image_ref, schema_of
 
@@ -94,6 +94,13 @@ class HFDatasetSource(TableSource):
                 s.detail = f"id {row['id']!r}: {s.detail}"
             raise
 
+    @staticmethod
+    def _inline(ref: object, base: str, rec: Record, name: str):
+        image = image_ref(ref, base, name)
+        if image is None:
+            raise Skip("bad_record", f"{name} has neither bytes nor a path")
+        return image
+
     def _parse(self, row: dict, rec: Record) -> Document:
         raw = row.get(self.image_col) if self.image_col else None
         values = raw if isinstance(raw, list) else [] if raw is None else [raw]
@@ -103,12 +110,12 @@ class HFDatasetSource(TableSource):
             raise Skip("bad_record", "an image has neither bytes nor a path")
         value = row.get(self.text_col)
         if self.mode == "conversations":
-            return Document(self.render(turns_from_messages(value, images)))
+            return Document(self.render(turns(value, images, lambda ref, name: self._inline(ref, base, rec, name))))
         if self.mode == "texts":
             if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
                 raise Skip("bad_record", f"{self.text_col!r} is not a list of {{user, assistant}}")
             msgs = [{"from": r, "value": x.get(r)} for x in value for r in ("user", "assistant")]
-            return Document(self.render(turns_from_messages(msgs, images)))
+            return Document(self.render(turns(msgs, images)))
         if not isinstance(value, str):
             raise Skip("bad_record", f"{self.text_col!r} is {type(value).__name__}, not a string")
         if not value.strip():
