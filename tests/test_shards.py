@@ -208,3 +208,24 @@ def test_a_v2_shard_without_its_targets_part_or_of_an_unknown_version_is_refused
     (tmp_path / "s.targets.idx").unlink()
     with pytest.raises(FileNotFoundError, match=r"v2 shard has parts .*'targets'.*missing .*s\.targets\.idx"):
         ShardSet.from_prefixes([tmp_path / "s"], 64)
+
+
+def test_inspect_marks_every_target_token(tmp_path):
+    """The inspect PNG puts a dot on exactly the tokens Pack.targets holds (SFT-shaped targets, not the v1 rule)."""
+    from PIL import Image
+
+    from megatron_solo.preprocess import inspect_pack as ip
+
+    build(tmp_path / "shard_00000", _chat_corpus(20, seed=33), S, buffer_docs=8)
+    (tmp_path / "manifest.json").write_text(json.dumps({"seq_length": S, "shards": ["shard_00000"]}))
+    pack = ShardSet(tmp_path)[0]
+    line = ip.render_pack(tmp_path, 0, tmp_path / "p.png")
+    assert f"{int(pack.targets.sum())} loss targets" in line
+    img = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))
+    per_row, y0 = (ip.WIDTH - 20) // ip.CELL, 60
+    dots = []
+    for t in range(S):
+        r, c = divmod(t, per_row)
+        x, y = 10 + c * ip.CELL + ip.CELL // 2 - 2, y0 + r * ip.CELL + ip.CELL // 2 - 2
+        dots.append(int(not img[y, x].any()))
+    np.testing.assert_array_equal(dots, pack.targets)
