@@ -195,6 +195,9 @@ def test_a_v1_shard_reads_with_targets_derived_by_the_v1_rule(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(man))
     problems, report = validate(tmp_path, checksums=False)
     assert problems == [], problems
+    build(tmp_path / "v2", docs, S)  # a v2 shard of the same tokenizer reads beside it, with the same ids
+    both = ShardSet.from_prefixes([tmp_path / "shard_00000", tmp_path / "v2"], S)
+    assert both.shards[0].ids == both.shards[1].ids and both.shards[1].version == 2
     assert f"({sum(int(expected_targets(items).sum()) for _, items in docs)} targets)" in report
 
 
