@@ -21,7 +21,6 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from PIL import Image as PILImage
 
-from megatron_solo import _C
 from megatron_solo.data.shards import ShardSet
 from megatron_solo.format.chat_template import Image, Turn, render, token_ids
 from megatron_solo.format.image import load_and_resize
@@ -34,8 +33,6 @@ from megatron_solo.preprocess.sources import files as sfiles
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "megatron_solo" / "demo_data" / "corpus.txt"
 S = 512
-TARGETS = "targets" in (_C.ShardBuilder.add_document.__doc__ or "")  # shard format v2 (stored targets)
-needs_targets = pytest.mark.skipif(not TARGETS, reason="needs the format-v2 builder (stored targets)")
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +155,7 @@ def read_targets(out: Path) -> list[tuple[tuple, tuple]]:
 def assert_docs(out: Path, tok: SoloTokenizer, want: list[tuple[tuple, bytes, tuple]]) -> None:
     got = read_docs(out, tok.vpatch_id)
     assert Counter(got) == Counter((ids, p) for ids, p, _ in want)  # every document exactly once, bit-exact
-    if TARGETS:
-        assert Counter(read_targets(out)) == Counter((ids, tg) for ids, _, tg in want)
+    assert Counter(read_targets(out)) == Counter((ids, tg) for ids, _, tg in want)  # the stored loss targets
 
 
 # --- llava --------------------------------------------------------------------------------------------------------
@@ -196,7 +192,6 @@ def llava_pretrain(d: Path, n: int = 6) -> tuple[Path, Path, list]:
     return path, root, want
 
 
-@needs_targets
 def test_llava_pretrain_json_array_via_cli(tok_path, tok, tmp_path, cli):
     path, root, want = llava_pretrain(tmp_path)
     out = tmp_path / "out"
@@ -210,7 +205,6 @@ def test_llava_pretrain_json_array_via_cli(tok_path, tok, tmp_path, cli):
     assert_docs(out, tok, [ref_doc(p, tok) for p in want])  # default loss-on=assistant: the caption (and EOS) only
 
 
-@needs_targets
 def test_llava_665k_multiturn_mistral_matches_chat_template(tok_path, tok, tmp_path):
     """LLaVA-665K style JSONL (multi-turn, <image> in the first human turn, text-only records, a system turn):
     template=mistral loss-on=assistant. The ids equal chat_template.token_ids (what the processor and generate use),
@@ -254,7 +248,6 @@ def test_llava_665k_multiturn_mistral_matches_chat_template(tok_path, tok, tmp_p
 # --- Hugging Face datasets: parquet (to_parquet) and arrow (save_to_disk) ------------------------------------------
 
 
-@needs_targets
 def test_parquet_llava_onevision_layout_from_datasets(tok_path, tok, tmp_path):
     """A datasets ``Image`` feature with embedded bytes + LLaVA-OneVision's ``conversations`` column, written with
     ``Dataset.to_parquet``; found without a mapping; images bit-exact; per-CPU it is the same path as JPEG files."""
@@ -285,7 +278,6 @@ def test_parquet_llava_onevision_layout_from_datasets(tok_path, tok, tmp_path):
     assert_docs(out, tok, want)
 
 
-@needs_targets
 def test_arrow_save_to_disk_the_cauldron_layout(tok_path, tok, tmp_path):
     """The Cauldron's layout (``images``: a list of Image, ``texts``: a list of {user, assistant, source}) saved with
     ``save_to_disk``: the directory is read through its state.json; images go first."""

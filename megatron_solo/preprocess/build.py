@@ -34,8 +34,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from megatron_solo import _C
-from megatron_solo.data.shards import MANIFEST_NAME, SHARD_PARTS
 from megatron_solo.format.image import DEFAULT_MAX_PIXELS
+from megatron_solo.format.schema import MANIFEST_NAME, SHARD_ENTRY_COUNTS, SHARD_PARTS, TokenIds
 from megatron_solo.format.tokens import SoloTokenizer
 from megatron_solo.preprocess import handoff
 from megatron_solo.preprocess import manifest as mf
@@ -338,7 +338,7 @@ def make_manifest(plan: BuildPlan, entries: list[dict]) -> dict:
     sources = [source_report(ident, t) for ident, t in zip(plan.identity, tallies)]
     skipped["dropped_images"] = sum(s["dropped_images"]["total"] for s in sources)
     shards = [
-        {"prefix": e["name"], "records": e["records"], **{k: e["stats"][k] for k in ("packs", "images", "patches")}}
+        {"prefix": e["name"], "records": e["records"], **{k: e["stats"][k] for k in SHARD_ENTRY_COUNTS}}
         | {"files": e["files"]}
         for e in entries
         if e["files"]
@@ -355,16 +355,7 @@ def make_manifest(plan: BuildPlan, entries: list[dict]) -> dict:
             "path": str(cfg.tokenizer),
             "sha256": tok.checksum,
             "vocab_size": tok.vocab_size,
-            "token_ids": {
-                "bos": tok.bos_id,
-                "eos": tok.eos_id,
-                "pad": tok.pad_id,
-                "vision": tok.vision_id,
-                "vpatch": tok.vpatch_id,
-                "row_sep": tok.row_sep_id,
-                "vision_end": tok.vision_end_id,
-                "first_special": tok.first_special_id,
-            },
+            "token_ids": TokenIds.from_tokenizer(tok).as_dict(),
         },
         "build": build_opts | {"build_key": plan.key},
         "shard_parts": list(SHARD_PARTS),

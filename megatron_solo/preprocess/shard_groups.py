@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from megatron_solo import _C
+from megatron_solo.format.schema import TokenIds
 from megatron_solo.preprocess import handoff
 from megatron_solo.preprocess import manifest as mf
 from megatron_solo.preprocess.report import BuildError, SourceTally, merge_tallies, top_reasons
@@ -86,9 +87,7 @@ class ShardGroups:
     def __init__(self, plan: BuildPlan, bar):
         self.plan, self.cfg, self.bar = plan, plan.cfg, bar
         tok = plan.tok
-        self.ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, vision_id=tok.vision_id,
-                        vpatch_id=tok.vpatch_id, row_sep_id=tok.row_sep_id, vision_end_id=tok.vision_end_id,
-                        first_special_id=tok.first_special_id)  # fmt: skip
+        self.token_ids = TokenIds.from_tokenizer(tok).as_dict()  # the shard schema's table (format.schema)
         self.target_tokens = self.cfg.shard_size_packs * self.cfg.seq_length
         self.progress = {"build_key": plan.key, "shards": list(plan.kept)}
         self.next_shard = len(plan.kept)
@@ -128,15 +127,7 @@ class ShardGroups:
     def _add_document(self, g: _Group, res: Result) -> None:
         # Queued for the builder's intake thread, which copies the patches, packs, and frees the slots.
         kw = {} if res.targets is None else {"targets": res.targets, "eos_target": res.eos_target}
-        try:
-            g.builder.add_document(res.record_id, _arrays(res.items), release=handoff.busy_flags(res.items), **kw)
-        except TypeError as e:
-            if kw and "targets" in str(e):
-                raise BuildError(
-                    f"{res.record_id}: this source's loss policy needs stored targets (shard format v2), which this "
-                    f"build of megatron_solo._C lacks: {e}"
-                ) from None
-            raise
+        g.builder.add_document(res.record_id, _arrays(res.items), release=handoff.busy_flags(res.items), **kw)
         g.docs += 1
         g.tokens += res.n_tokens
         g.ids[res.record_id] = res.source
@@ -153,8 +144,9 @@ class ShardGroups:
     def _open(self, first: int) -> None:
         name = _shard_name(self.next_shard)
         self.next_shard += 1
-        builder = _C.ShardBuilder(str(self.plan.out / name), self.cfg.seq_length, buffer_docs=self.cfg.buffer_docs,
-                                  long_text=self.cfg.long_text, checksum=self.cfg.checksum, **self.ids)  # fmt: skip
+        builder = _C.ShardBuilder(str(self.plan.out / name), self.cfg.seq_length, self.token_ids,
+                                  buffer_docs=self.cfg.buffer_docs, long_text=self.cfg.long_text,
+                                  checksum=self.cfg.checksum)  # fmt: skip
         self.group = _Group(name, first, builder)
 
     def close(self, end: int) -> None:
