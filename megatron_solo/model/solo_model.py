@@ -58,6 +58,9 @@ class SoloModel(MegatronModule):
     """GPTModel (``self.language_model``) + PatchProjector (``self.vision_projector``)."""
 
     model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules (get_forward_backward_func)
+    # SOLO's embeddings are untied: finalize_model_grads reads this on the first pipeline stage and then does not
+    # all-reduce word-embedding grads between the first and last stage.
+    share_embeddings_and_output_weights = False
 
     def __init__(
         self,
@@ -162,8 +165,8 @@ class SoloModel(MegatronModule):
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(
         self,
-        tokens: torch.Tensor,
-        position_ids: torch.Tensor,
+        tokens: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
         patches: torch.Tensor | None,
         labels: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
@@ -177,13 +180,17 @@ class SoloModel(MegatronModule):
         ``packed_seq_params``: THD over the flattened ``b*s`` tokens (build_packed_seq_params); None = one causal
         sequence per row. ``attention_mask``, ``runtime_gather_output`` and ``inference_context`` go to GPTModel
         unchanged (generation: ``runtime_gather_output=True`` returns the full padded vocab, padding at -inf).
+
+        Pipeline stages read only what they use: ``tokens`` / ``patches`` on the first stage (``pre_process``),
+        ``labels`` on the last (``post_process``); a middle stage needs only ``packed_seq_params`` (its input is
+        the previous stage's hidden states, ``[b*s, 1, h]`` when packed, set by the schedule).
         """
-        b, s = tokens.shape
+        shape_of = tokens if tokens is not None else labels  # [b, s]; None on a middle stage
         packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
-        if packed:  # THD: the whole micro-batch is one packed sequence
-            tokens = tokens.reshape(1, b * s)
-            position_ids = position_ids.reshape(1, b * s)
-            labels = None if labels is None else labels.reshape(1, b * s)
+        if packed and shape_of is not None:  # THD: the whole micro-batch is one packed sequence
+            tokens, position_ids, labels = (
+                None if t is None else t.reshape(1, -1) for t in (tokens, position_ids, labels)
+            )
         decoder_input = self.embed(tokens, patches) if self.pre_process else None
         out = self.language_model(
             tokens,
@@ -198,7 +205,7 @@ class SoloModel(MegatronModule):
         if not self.post_process:
             return out  # hidden states for the next pipeline stage
         if packed:
-            out = out.reshape(b, s, *out.shape[2:])
+            out = out.reshape(*shape_of.shape, *out.shape[2:])
         return out
 
 
