@@ -88,6 +88,8 @@ class ModelArgs:
     recompute_granularity: str | None = None
     recompute_method: str | None = None
     recompute_num_layers: int | None = None
+    language_model_type: str = "gpt"
+    """gpt | hybrid | auto: megatron-core's GPTModel or HybridModel under the projector (model/hybrid.py)."""
 
 
 @dataclass
@@ -125,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
     g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument(
+        "--language-model-type",
+        choices=["gpt", "hybrid", "auto"],
+        default="gpt",
+        help="megatron-core model: GPTModel, HybridModel (attention + MLP layers; megatron-core >= 0.19) or auto "
+        "(hybrid where available); same math and checkpoints (default: gpt)",
+    )
     g.add_argument("--bf16", action="store_true", help="bf16 params/compute (GPU); fp32 otherwise")
     g.add_argument("--fp32", action="store_true", help="force fp32 even on GPU")
 
@@ -268,7 +277,14 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
             a.save_at_exit,
         ),  # fmt: skip
         log=LogArgs(a.log_interval, a.tensorboard_dir, a.metrics_log, a.peak_tflops, a.progress_bar),
-        model=ModelArgs(a.model_recipe, overrides, a.recompute_granularity, a.recompute_method, a.recompute_num_layers),
+        model=ModelArgs(
+            a.model_recipe,
+            overrides,
+            a.recompute_granularity,
+            a.recompute_method,
+            a.recompute_num_layers,
+            a.language_model_type,
+        ),
         bf16=bf16,
     )
 
@@ -295,6 +311,7 @@ def model_config(
         bf16=args.bf16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        language_model_type=args.model.language_model_type,
     )
     if args.model.recompute_granularity is not None:
         fields["recompute_granularity"] = args.model.recompute_granularity

@@ -140,7 +140,8 @@ class Trainer:
         vpp = self.config.virtual_pipeline_model_parallel_size
         _log(
             f"SOLO run: world {dist.get_world_size()} = TP {self.tp_size} x PP {self.pp_size} x DP {self.dp_size}"
-            f"{f' ({vpp} virtual stages per rank)' if vpp else ''}, dist-opt "
+            f"{f' ({vpp} virtual stages per rank)' if vpp else ''}, "
+            f"{type(self.model[0].module.language_model).__name__}, dist-opt "
             f"{args.parallel.use_distributed_optimizer}, {'bf16' if args.bf16 else 'fp32'}, {n_params:,} params on "
             f"rank 0, seq {seq_length}, GBS {args.train.global_batch_size}, MBS {args.train.micro_batch_size}, "
             f"{self.loader.num_microbatches} micro-batches/step; data: {len(self.train_data)} packs/epoch; "
