@@ -9,13 +9,14 @@ Two measurements, each against a baseline in the same run (see benchmarks/README
    micro-batches of one pack; the compute is emulated by sleeping ``--compute-ratio`` x the measured read time of
    a step (the GPU computes while the host is idle, which a sleep models; a CPU matmul would model contention
    instead). Reported: the median time ``BatchLoader.step`` keeps the trainer waiting, steady state (after the
-   first step, which has nothing prefetched).
+   first step of a round, which has nothing prefetched), rounds of the two alternating.
 
 The shard set is built by the real builder (``megatron_solo.preprocess.build``, seq 32768) from synthetic pictures
 (coloured shapes and gradients, 1024 px: 1,057 image tokens each) and text documents cut from the bundled corpus,
 mixed to ~50% vision tokens. Reads hit the page cache (the set was just written).
 
-    PYTHONPATH=. python benchmarks/bench_loader.py [--packs 24] [--steps 12] [--micro-batches 4] [--compute-ratio 1.5]
+    PYTHONPATH=. python benchmarks/bench_loader.py [--packs 24] [--steps 8] [--micro-batches 4] [--compute-ratio 2]
+        [--repeats 3]
 """
 
 from __future__ import annotations
@@ -120,9 +121,10 @@ def data_wait(loader, steps: int, compute_s: float) -> list[float]:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--packs", type=int, default=24, help="packs of 32768 tokens to build")
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=8, help="steps per measurement round")
     p.add_argument("--micro-batches", type=int, default=4, help="micro-batches (one pack each) per step")
-    p.add_argument("--compute-ratio", type=float, default=1.5, help="emulated compute per step / read time")
+    p.add_argument("--compute-ratio", type=float, default=2.0, help="emulated compute per step / read time")
+    p.add_argument("--repeats", type=int, default=3, help="alternating rounds of without / with overlap")
     p.add_argument("--workers", type=int, default=2, help="builder workers")
     args = p.parse_args(argv)
 
@@ -144,10 +146,12 @@ def main(argv: list[str] | None = None) -> dict:
         throughput(sync, 1)  # warm-up (permutations, page cache)
         tp = throughput(sync, args.steps)
         compute = args.compute_ratio * tp["step_read_s"]
-        without = data_wait(sync, args.steps, compute)[1:]
-        ahead = BatchLoader(blend, gbs, 1, prefetch=True)
-        with_overlap = data_wait(ahead, args.steps, compute)[1:]
-        ahead.close()
+        without, with_overlap = [], []
+        for _ in range(args.repeats):  # alternate the two, so a shared machine's load hits both alike
+            without += data_wait(sync, args.steps, compute)[1:]
+            ahead = BatchLoader(blend, gbs, 1, prefetch=True)
+            with_overlap += data_wait(ahead, args.steps, compute)[1:]
+            ahead.close()
         parallel.destroy()
     res = {
         "packs_built": counts["packs"],
