@@ -199,6 +199,11 @@ def test_prefetching_loader_keeps_the_exact_order_across_steps_and_jumps():
         ahead.step(28)  # was not prefetched (the last step asked for 4): read now, then 32..35 in the background
         ahead._ahead[1].result()
         assert data.read == list(range(28, 36))
+        data.read.clear()
+        assert _same(ahead.step(32, next_consumed=0), sync.step(32))  # prefetched; then step 0 (as evaluate does)
+        ahead._ahead[1].result()
+        assert sorted(data.read) == [*range(4), *range(32, 36)]  # the synchronous 32..35, the prefetched 0..3
+        assert _same(ahead.step(0), sync.step(0))
     finally:
         ahead.close()
 

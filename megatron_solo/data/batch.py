@@ -274,7 +274,7 @@ class BatchLoader:
             collate([self._pack(g) for g in idx], self.needs).pin() for idx in self.sample_indices(consumed_samples)
         ]
 
-    def _wires(self, consumed_samples: int) -> list[WireBatch | None]:
+    def _wires(self, consumed_samples: int, next_consumed: int) -> list[WireBatch | None]:
         if not self.is_reader:
             return [None] * self.num_microbatches
         ahead, self._ahead = self._ahead, None
@@ -285,15 +285,16 @@ class BatchLoader:
                 ahead[1].exception()  # (after it finished: one reader of the dataset at a time)
             wires = self.collate_step(consumed_samples)
         if self._pool is not None:
-            nxt = consumed_samples + self.gbs
-            self._ahead = (nxt, self._pool.submit(self.collate_step, nxt))
+            self._ahead = (next_consumed, self._pool.submit(self.collate_step, next_consumed))
         return wires
 
-    def step(self, consumed_samples: int) -> list[SoloBatch]:
-        """All micro-batches of one step (collective over the TP group)."""
+    def step(self, consumed_samples: int, next_consumed: int | None = None) -> list[SoloBatch]:
+        """All micro-batches of one step (collective over the TP group); then the step at ``next_consumed``
+        (default: the following one, ``consumed_samples + GBS``) is collated in the background."""
         t0 = time.perf_counter()
+        nxt = consumed_samples + self.gbs if next_consumed is None else next_consumed
         out = []
-        for wire in self._wires(consumed_samples):
+        for wire in self._wires(consumed_samples, nxt):
             if self.tp_size > 1:
                 wire = broadcast_wire(wire, self.tp_group, self.tp_src, self.device)
             out.append(to_solo_batch(wire, self.device))

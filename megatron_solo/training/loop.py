@@ -248,8 +248,9 @@ class Trainer:
         for chunk in self.model:
             chunk.eval()
         with torch.no_grad():
-            for k in range(self.args.train.eval_iters):
-                batches = self.valid_loader.step(k * self.args.train.global_batch_size)
+            n, gbs = self.args.train.eval_iters, self.args.train.global_batch_size
+            for k in range(n):  # prefetching the next batch, after the last the next evaluation's first
+                batches = self.valid_loader.step(k * gbs, next_consumed=(k + 1) % n * gbs)
                 pairs = self._run(batches, forward_only=True).pairs
                 totals = pairs if totals is None else {n: totals[n] + pairs[n] for n in totals}
         for chunk in self.model:
