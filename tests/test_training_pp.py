@@ -6,7 +6,7 @@ warm-up + cosine, distributed optimizer. Six launches share one module fixture:
 - ``ref``: 1 process (PP=1), iterations 1..15, saves at 5, 10, 15: the reference;
 - ``pp2``: PP=2 (2 processes, 1F1B) resumes ``ref`` at 5 and runs 6..15;
 - ``vpp``: PP=2 with 1 layer per virtual stage (2 chunks per rank, interleaved 1F1B), 6..15 from ``ref``'s 5;
-- ``a``: TP=2 x PP=2 (4 processes), 6..15 from ``ref``'s 5, saves at 10 and 15;
+- ``a``: TP=2 x PP=2 (4 processes) with sequence parallelism, 6..15 from ``ref``'s 5, saves at 10 and 15;
 - ``b``: 1 process (PP=1) resumes ``a``'s iteration 10 (weights and optimizer state resharded from 4 tensor /
   pipeline shards to one), runs 11..13, saves;
 - ``c``: back to a pipeline: PP=2 with virtual stages (2 processes) resumes ``b`` (one chunk's keys split into two
@@ -53,7 +53,8 @@ def runs(tmp_path_factory):
     r["ref"] = _torchrun(1, ref_flags, tmp / "ref.jsonl")
     r["pp2"] = _torchrun(2, [*from_ref, *pp2, *auto, "--eval-interval", "10"], tmp / "pp2.jsonl")
     r["vpp"] = _torchrun(2, [*from_ref, *vpp], tmp / "vpp.jsonl")
-    a_flags = [*from_ref, "--tensor-model-parallel-size", "2", *pp2, "--save", str(tmp / "a"), "--save-interval", "5"]
+    tp2sp = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]  # P2P shape [b*s/TP, 1, h]
+    a_flags = [*from_ref, *tp2sp, *pp2, "--save", str(tmp / "a"), "--save-interval", "5"]
     r["a"] = _torchrun(4, a_flags, tmp / "a.jsonl")
     b_flags = [*common, "--load", str(tmp / "a" / "iter_0000010"), "--save", str(tmp / "b"), "--exit-interval", "13"]
     r["b"] = _torchrun(1, b_flags, tmp / "b.jsonl")
