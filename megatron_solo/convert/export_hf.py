@@ -8,7 +8,8 @@ the TP/DP layout the checkpoint was saved with does not matter and memory stays 
 shard. Tensors are converted with keymap.py and written to ``model-XXXXX-of-YYYYY.safetensors`` shards of at most
 ``--max-shard-gb``.
 
-The directory gets: config.json (SoloConfig, ``auto_map`` to the shipped classes), generation_config.json (the
+The directory gets: config.json (SoloConfig, ``auto_map`` to the shipped classes; ``solo_chat_template`` when the
+checkpoint's solo_config.json records a ``chat_template``), generation_config.json (the
 5 vision token ids in ``suppress_tokens``: they are never generated), the weights, tokenizer.model, and the three
 files of ``megatron_solo/convert/hf_remote/`` (configuration_solo.py, modeling_solo.py, processing_solo.py).
 """
@@ -137,6 +138,7 @@ def hf_tensors(ckpt: CheckpointTensors, config) -> Iterator[tuple[str, torch.Ten
 def hf_config(config, tokenizer, dtype: torch.dtype):
     """The SOLO-HF config (configuration_solo.SoloConfig) of a megatron SoloConfig + its tokenizer."""
     from megatron_solo.convert.hf_remote.configuration_solo import SoloConfig as HFSoloConfig
+    from megatron_solo.format.schema import PATCH_SIZE
 
     window = config.window_size
     cfg = HFSoloConfig(
@@ -157,15 +159,9 @@ def hf_config(config, tokenizer, dtype: torch.dtype):
         bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id,
         pad_token_id=tokenizer.pad_id,
-        patch_size=32,
+        patch_size=PATCH_SIZE,
         patch_dim=config.patch_dim,
-        vision_token_ids={
-            "vision": tokenizer.vision_id,
-            "vpatch": tokenizer.vpatch_id,
-            "row_sep": tokenizer.row_sep_id,
-            "frame_sep": tokenizer.frame_sep_id,
-            "vision_end": tokenizer.vision_end_id,
-        },
+        vision_token_ids=tokenizer.vision_token_ids(),
         first_special_id=tokenizer.first_special_id,
         pixel_mean=list(config.pixel_mean),
         pixel_std=list(config.pixel_std),
@@ -243,6 +239,17 @@ def open_checkpoint(checkpoint: str | os.PathLike):
     return config, tok_path, tokenizer, CheckpointTensors(it_dir)
 
 
+TEMPLATE_KEY = "chat_template"  # solo_config.json: the chat template an instruction-tuned checkpoint was trained with
+HF_TEMPLATE_KEY = "solo_chat_template"  # its name in the exported config.json (HF's own `chat_template` is Jinja)
+
+
+def recorded_chat_template(checkpoint: str | os.PathLike) -> str | None:
+    """The chat template name a SOLO checkpoint records in solo_config.json (None for pre-training checkpoints)."""
+    it_dir = checkpoint_io.resolve_iteration_dir(checkpoint)
+    data = json.loads(checkpoint_io.find_file(it_dir, checkpoint_io.CONFIG_NAME).read_text())
+    return data.get(TEMPLATE_KEY)
+
+
 def export_hf(
     checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "auto", max_shard_gb: float = 4.0
 ) -> Path:
@@ -257,7 +264,11 @@ def export_hf(
     for name, tensor in hf_tensors(ckpt, config):
         writer.add(name, tensor.to(out_dtype))
     writer.close()
-    hf_config(config, tokenizer, out_dtype).save_pretrained(str(out_dir))
+    cfg = hf_config(config, tokenizer, out_dtype)
+    template = recorded_chat_template(checkpoint)
+    if template is not None:  # the processor's default template (processing_solo.SoloProcessor.from_pretrained)
+        setattr(cfg, HF_TEMPLATE_KEY, template)
+    cfg.save_pretrained(str(out_dir))
     generation_config(tokenizer).save_pretrained(str(out_dir))
     shutil.copyfile(tok_path, out_dir / "tokenizer.model")
     for name in REMOTE_FILES:

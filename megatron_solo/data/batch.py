@@ -42,7 +42,7 @@ class SoloBatch:
 
     tokens: torch.Tensor | None  # int64[b, s]
     labels: torch.Tensor | None  # int64[b, s]: tokens shifted left (last column 0, never a target)
-    loss_mask: torch.Tensor | None  # float32[b, s]: 1 where the label is a text token of the same document
+    loss_mask: torch.Tensor | None  # float32[b, s]: 1 where the label is a target token of the same document
     position_ids: torch.Tensor | None  # int64[b, s]: restart at 0 per document (and per padding segment)
     patches: torch.Tensor | None  # uint8[P, 3072] in <vpatch> order over tokens.flatten()
     cu_seqlens: torch.Tensor  # int32[n+1] over the flattened b*s tokens; padding is its own segment
@@ -137,12 +137,12 @@ def collate(packs: Sequence[Pack], needs: StageNeeds = ALL) -> WireBatch:
 def _loss_and_vision_masks(p: Pack, cu: np.ndarray, n_real: int) -> tuple[np.ndarray, np.ndarray]:
     """loss_mask and vision_doc_mask (bool ``[s]``) of one pack."""
     s = len(p.tokens)
-    # loss_mask[t] = label t+1 is a text token AND t+1 is inside the same document as t
+    # loss_mask[t] = label t+1 is a loss target (Pack.targets) AND t+1 is inside the same document as t
     same_doc_next = np.zeros(s, dtype=bool)
     same_doc_next[: max(n_real - 1, 0)] = True
     same_doc_next[cu[1:-1] - 1] = False  # last token of each document predicts the next document's start
     loss = np.zeros(s, dtype=bool)
-    loss[:-1] = (p.text_mask[1:] > 0) & same_doc_next[:-1]
+    loss[:-1] = (p.targets[1:] > 0) & same_doc_next[:-1]
     vision = np.zeros(s, dtype=bool)
     doc_of = np.repeat(np.arange(len(cu) - 1), np.diff(cu))
     vision[:n_real] = p.doc_has_image[doc_of]
