@@ -1,0 +1,43 @@
+"""THE owner of SOLO checkpoints: the directory layout, the tracker file, the atomic commit (``layout``), the one
+save and the weights load (``store``), and the one decision of where a run starts (``start``).
+
+Users: the trainer (training/checkpointing.py adds its optimizer / schedule / RNG state), the HF import and export
+(megatron_solo/convert), ``generate`` and SFT. ``convert`` depends on this package, never the reverse.
+"""
+
+from megatron_solo.checkpoint.layout import (
+    CONFIG_NAME,
+    TOKENIZER_NAME,
+    TRACKER,
+    TRAINER_STATE,
+    Checkpoint,
+    CheckpointError,
+    CheckpointNotFound,
+    config_to_json,
+    find_checkpoint,
+    iter_dir_name,
+    open_checkpoint,
+)
+from megatron_solo.checkpoint.start import RunStart, resolve_start
+from megatron_solo.checkpoint.store import KILL_IN_SAVE_ITER, load, load_model_weights, save, save_model
+
+__all__ = [
+    "CONFIG_NAME",
+    "KILL_IN_SAVE_ITER",
+    "TOKENIZER_NAME",
+    "TRACKER",
+    "TRAINER_STATE",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointNotFound",
+    "RunStart",
+    "config_to_json",
+    "find_checkpoint",
+    "iter_dir_name",
+    "load",
+    "load_model_weights",
+    "open_checkpoint",
+    "resolve_start",
+    "save",
+    "save_model",
+]
