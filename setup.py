@@ -43,7 +43,8 @@ setup(
     extras_require={
         # demo: the bundled demo data (matplotlib ships its photo), TensorBoard logs, HF export / generate
         "demo": DEMO_EXTRAS,
-        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash"],  # xxhash: the reference for our XXH64
+        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash", "wandb"],  # xxhash: the reference for our XXH64
+        "wandb": ["wandb"],  # --wandb-project (Weights & Biases logging)
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={
