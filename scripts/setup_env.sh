@@ -40,9 +40,9 @@ _stamp_key="$(cd "$_solo_root" && { cat setup.py pyproject.toml; echo "$_spec"; 
 _stamp="$_solo_root/build/setup-$_stamp_key.stamp"
 _installed_here="$(python - "$_solo_root" <<'PY' 2>/dev/null || true
 import importlib.metadata as m, json, sys
-d = m.distribution("megatron-solo")
-url = json.loads(d.read_text("direct_url.json") or "{}")
-print("yes" if url.get("dir_info", {}).get("editable") and url.get("url") == "file://" + sys.argv[1] else "no")
+urls = [json.loads(d.read_text("direct_url.json") or "{}") for d in m.distributions(name="megatron-solo")]
+here = any(u.get("dir_info", {}).get("editable") and u.get("url") == "file://" + sys.argv[1] for u in urls)
+print("yes" if here else "no")  # (the source dir's own megatron_solo.egg-info has no direct_url.json)
 PY
 )"
 if [ -z "${SOLO_REINSTALL:-}" ] && [ -f "$_stamp" ] && [ "$_installed_here" = "yes" ]; then

@@ -1,6 +1,6 @@
 """pretrain_solo.py end to end under real torchrun + gloo on the bundled demo data (CPU).
 
-Seven launches share one module fixture (each costs ~15-25 s on 2 cores), all with GBS 4, MBS 1, the debug model,
+Nine launches share one module fixture (each costs ~15-25 s on 2 cores), all with GBS 4, MBS 1, the debug model,
 seq 256, Adam + warm-up + cosine, clip 1.0, wd 0.1, 8 iterations:
 
 - ``ref``: 1 process (TP=1, DP=1, 4 micro-batches of grad accumulation), saves at exit;
@@ -10,7 +10,9 @@ seq 256, Adam + warm-up + cosine, clip 1.0, wd 0.1, 8 iterations:
 - ``c``:  TP=1 x DP=4 resumes ``a``'s iteration-4 checkpoint, runs to 6 (``--exit-interval``), saves;
 - ``d``:  TP=2 x DP=2 resumes ``c``'s checkpoint with sequence parallelism and full recompute, runs 7..8;
 - ``e``:  1 process starts a new stage from ``a``'s final weights (``--pretrained-checkpoint``: fresh optimizer and
-  schedule, iteration 0).
+  schedule, iteration 0), logging to W&B in offline mode;
+- ``f``:  as ``a`` with ``--exit-signal-handler``; rank 1 alone gets SIGTERM after iteration 2 (a preemption);
+- ``f2``: resumes ``f`` to iteration 8.
 
 Tolerances: same layout -> bit-identical losses; another layout (other reduction orders) -> rtol 1e-4 on losses
 and atol 2e-5 on weights after 8 Adam steps at lr 3e-3 (fp32).
