@@ -167,6 +167,10 @@ def _check_resume(args: RunArgs, ckpt: checkpoint.Checkpoint) -> None:
 
 def plan_run(args: RunArgs) -> RunPlan:
     """The run's plan, or SetupError (see the module docstring). No process group needed."""
+    from megatron_solo.training.metrics import wandb_available
+
+    if args.log.wandb_project and not wandb_available():
+        raise SetupError("--wandb-project needs the wandb package: pip install wandb (or megatron-solo[wandb])")
     start = _start(args)
     train_data, valid_data = _blends(args)
     tokenizer_path = resolve_tokenizer(args, start)
