@@ -35,14 +35,26 @@ else
 fi
 _spec="."
 [ -n "$_solo_extras" ] && _spec=".[$_solo_extras]"
-# What an editable install depends on: the packaging files, the extras, the interpreter.
-_stamp_key="$(cd "$_solo_root" && { cat setup.py pyproject.toml; echo "$_spec"; python -c "import sys; print(sys.executable)"; } | sha256sum | cut -c1-16)"
+# What an editable install depends on: the packaging files and the interpreter (the extras are checked below).
+_stamp_key="$(cd "$_solo_root" && { cat setup.py pyproject.toml; python -c "import sys; print(sys.executable)"; } | sha256sum | cut -c1-16)"
 _stamp="$_solo_root/build/setup-$_stamp_key.stamp"
-_installed_here="$(python - "$_solo_root" <<'PY' 2>/dev/null || true
+# "yes" when this python has megatron-solo installed editable from THIS tree and every requirement of the asked-for
+# extras is installed (so `demo` after `test` installs nothing).
+_installed_here="$(python - "$_solo_root" "$_solo_extras" <<'PY' 2>/dev/null || true
 import importlib.metadata as m, json, sys
-urls = [json.loads(d.read_text("direct_url.json") or "{}") for d in m.distributions(name="megatron-solo")]
-here = any(u.get("dir_info", {}).get("editable") and u.get("url") == "file://" + sys.argv[1] for u in urls)
-print("yes" if here else "no")  # (the source dir's own megatron_solo.egg-info has no direct_url.json)
+from packaging.requirements import Requirement
+root, extras = sys.argv[1], [e for e in sys.argv[2].split(",") if e]
+dists = [d for d in m.distributions(name="megatron-solo") if d.read_text("direct_url.json")]  # not the egg-info
+url = json.loads(dists[0].read_text("direct_url.json")) if dists else {}
+ok = bool(url.get("dir_info", {}).get("editable")) and url.get("url") == "file://" + root
+for line in dists[0].requires or [] if ok else []:
+    req = Requirement(line)
+    if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in extras or [""]):
+        try:
+            ok = ok and req.specifier.contains(m.version(req.name), prereleases=True)
+        except m.PackageNotFoundError:
+            ok = False
+print("yes" if ok else "no")
 PY
 )"
 if [ -z "${SOLO_REINSTALL:-}" ] && [ -f "$_stamp" ] && [ "$_installed_here" = "yes" ]; then

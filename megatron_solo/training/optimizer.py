@@ -82,16 +82,22 @@ def schedule(optim: OptimizerConfig, sched: SchedulerArgs, train: TrainArgs) -> 
     )
 
 
-def build_scheduler(
-    optimizer, optim: OptimizerConfig, sched: SchedulerArgs, train: TrainArgs
-) -> OptimizerParamScheduler:
-    """Megatron's ``OptimizerParamScheduler`` over :func:`schedule`; the loop steps it by GBS per iteration."""
+def checked_schedule(optim: OptimizerConfig, sched: SchedulerArgs, train: TrainArgs) -> dict:
+    """:func:`schedule`, refusing a warm-up that is not shorter than the decay (SetupError)."""
     steps = schedule(optim, sched, train)
     if steps["lr_warmup_steps"] >= steps["lr_decay_steps"]:
         raise SetupError(
             f"the warm-up ({steps['lr_warmup_steps']:g} samples) must be shorter than the decay "
             f"({steps['lr_decay_steps']} samples): lower --lr-warmup-iters / --lr-warmup-samples / --lr-warmup-fraction"
         )
+    return steps
+
+
+def build_scheduler(
+    optimizer, optim: OptimizerConfig, sched: SchedulerArgs, train: TrainArgs
+) -> OptimizerParamScheduler:
+    """Megatron's ``OptimizerParamScheduler`` over :func:`schedule`; the loop steps it by GBS per iteration."""
+    steps = checked_schedule(optim, sched, train)
     return OptimizerParamScheduler(
         optimizer,
         init_lr=sched.lr_warmup_init,

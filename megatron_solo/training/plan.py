@@ -189,6 +189,9 @@ def plan_run(args: RunArgs) -> RunPlan:
     except (TypeError, ValueError) as e:
         raise SetupError(f"invalid model / parallel configuration: {e}") from None
     world, dp = _layout(args, config)
+    from megatron_solo.training.optimizer import checked_schedule
+
+    checked_schedule(args.optim, args.sched, args.train)
     if start.kind == "resume":
         _check_resume(args, start.checkpoint)
     return RunPlan(start, tokenizer_path, train_data, valid_data, seq_length, config, world, dp)
