@@ -302,7 +302,8 @@ def _wandb_history(run_dir: Path) -> list[dict]:
             record = pb.Record()
             record.ParseFromString(pending)
             if record.WhichOneof("record_type") == "history":
-                rows.append({item.key: json.loads(item.value_json) for item in record.history.item})
+                items = record.history.item  # a key with "/" is stored as nested_key parts
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
     return rows
 
 
