@@ -51,7 +51,7 @@ CASES = [
     ("model_recipe", ["--train-samples", "8", "--model", "tiny"], "--model tiny does not match"),
     ("arch_flag", ["--train-samples", "8", "--hidden-size", "32"], "hidden_size: flag 32 vs checkpoint 64"),
     ("distopt_off", ["--train-samples", "8", "--use-distributed-optimizer=0"], "saved with the distributed optimizer"),
-    ("schedule", ["--train-samples", "12"], "pass --override-opt-param-scheduler"),
+    ("schedule", ["--train-iters", "3"], "pass --override-opt-param-scheduler"),  # 12 samples, saved: 8
     ("data_path", ["--train-samples", "8", "--data-path", "/nonexistent/set"], "--data-path: /nonexistent/set is not"),
     ("layout", ["--train-samples", "9", "--global-batch-size", "3"], "not divisible by --micro-batch-size 1 x"),
     ("fp16_cpu", ["--train-samples", "8", "--fp16"], "--fp16 needs a GPU"),
