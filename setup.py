@@ -43,7 +43,11 @@ setup(
     extras_require={
         # demo: the bundled demo data (matplotlib ships its photo), TensorBoard logs, HF export / generate
         "demo": DEMO_EXTRAS,
-        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash", "wandb"],  # xxhash: the reference for our XXH64
+        # eval: `python -m megatron_solo.evaluate` (CIDEr from pycocoevalcap; its PTB tokenizer runs on java).
+        # lmms-eval is NOT an extra: its declared dependencies break a CPU-torch env (docs/evaluation.md);
+        # scripts/install_lmms_eval.sh installs it.
+        "eval": [*DEMO_EXTRAS, "pycocoevalcap"],
+        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash", "pycocoevalcap", "wandb"],  # xxhash: ref. for XXH64
         "wandb": ["wandb"],  # --wandb-project (Weights & Biases logging)
         "gpu": ["transformer-engine[pytorch]"],
     },
@@ -51,6 +55,8 @@ setup(
         "console_scripts": [
             "solo-preprocess=megatron_solo.preprocess.cli:main",
             "solo-extend-tokenizer=megatron_solo.format.tokens:main",
-        ]
+        ],
+        # lmms-eval finds its plug-in models here: `python -m lmms_eval --model solo --model_args pretrained=DIR`
+        "lmms_eval.models": ["solo=megatron_solo.eval.lmms_eval_solo:manifest"],
     },
 )

@@ -4,6 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh test
 set -euo pipefail
+# lmms-eval for tests/test_lmms_eval.py (~1-2 min once; not a pip extra: docs/evaluation.md). SOLO_SKIP_LMMS_EVAL=1
+# skips it (that test then skips).
+[ "${SOLO_SKIP_LMMS_EVAL:-0}" = "1" ] || bash scripts/install_lmms_eval.sh
 echo "[test] ruff check"
 ruff check .
 echo "[test] pytest"

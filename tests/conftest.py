@@ -12,3 +12,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.path.stem.startswith(MCORE_VERSION_SENSITIVE):
             item.add_marker(pytest.mark.mcore019)
+
+
+@pytest.fixture(scope="session")
+def tiny_solo(tmp_path_factory):
+    """A tiny random SOLO model as a SOLO checkpoint and an exported HF dir, plus images (tests/tiny_solo.py);
+    built once per session (~30 s) for the generate / evaluate / lmms-eval tests."""
+    from tests.tiny_solo import build_tiny_solo
+
+    return build_tiny_solo(tmp_path_factory.mktemp("tiny_solo"))

@@ -6,6 +6,7 @@ Users: the trainer (training/checkpointing.py adds its optimizer / schedule / RN
 """
 
 from megatron_solo.checkpoint.layout import (
+    CHAT_TEMPLATE_KEY,
     CONFIG_NAME,
     TOKENIZER_NAME,
     TRACKER,
@@ -22,6 +23,7 @@ from megatron_solo.checkpoint.start import RunStart, resolve_start
 from megatron_solo.checkpoint.store import KILL_IN_SAVE_ITER, load, load_model_weights, save, save_model
 
 __all__ = [
+    "CHAT_TEMPLATE_KEY",
     "CONFIG_NAME",
     "KILL_IN_SAVE_ITER",
     "TOKENIZER_NAME",

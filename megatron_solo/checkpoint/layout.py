@@ -32,6 +32,9 @@ CONFIG_NAME = "solo_config.json"
 TOKENIZER_NAME = "tokenizer.model"
 TRAINER_STATE = "trainer_state.json"
 RNG_DIR = "rng"
+CHAT_TEMPLATE_KEY = "chat_template"
+"""solo_config.json field: the chat template (format/chat_template.py) an instruction-tuned checkpoint was trained
+with; generate / evaluate / the export default to it. Absent for pre-training checkpoints."""
 
 # Written next to the architecture (model/config.py ``config_to_dict``) for information; not read back as config.
 RUN_FIELDS = ("tensor_model_parallel_size", "padded_vocab_size", "params_dtype")
@@ -90,6 +93,10 @@ class Checkpoint:
         from megatron_solo.model.config import ARCHITECTURE_FIELDS
 
         return {k: v for k, v in self.config_json.items() if k in ARCHITECTURE_FIELDS or k == "activation"}
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.config_json.get(CHAT_TEMPLATE_KEY)
 
     @property
     def tokenizer_path(self) -> Path:
@@ -201,13 +208,22 @@ def begin_iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
 
 
 def commit_iteration_dir(
-    root: str | os.PathLike, iteration: int, config, tokenizer_model=None, trainer_state: dict | None = None
+    root: str | os.PathLike,
+    iteration: int,
+    config,
+    tokenizer_model=None,
+    trainer_state: dict | None = None,
+    chat_template: str | None = None,
 ) -> Path:
-    """Rank 0, after every rank wrote into the temp dir: add solo_config.json, trainer_state.json and the
-    tokenizer, rename the temp dir to ``iter_XXXXXXX``, then replace the tracker. Returns the iteration dir."""
+    """Rank 0, after every rank wrote into the temp dir: add solo_config.json (+ ``chat_template`` when given),
+    trainer_state.json and the tokenizer, rename the temp dir to ``iter_XXXXXXX``, then replace the tracker.
+    Returns the iteration dir."""
     root = Path(root)
     final, tmp = iteration_dirs(root, iteration)
-    (tmp / CONFIG_NAME).write_text(json.dumps(config_to_json(config), indent=2) + "\n")
+    solo_config = config_to_json(config)
+    if chat_template is not None:
+        solo_config[CHAT_TEMPLATE_KEY] = chat_template
+    (tmp / CONFIG_NAME).write_text(json.dumps(solo_config, indent=2) + "\n")
     if trainer_state is not None:
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2) + "\n")
     if tokenizer_model is not None:

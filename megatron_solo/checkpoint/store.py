@@ -33,11 +33,13 @@ def save(
     tokenizer_model: str | os.PathLike | None = None,
     trainer_state: dict | None = None,
     rank_state: object | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Collective: write ``sharded_state`` as ``<root>/iter_{iteration}`` atomically, then point the tracker at it.
 
     ``trainer_state`` (JSON) marks a trainer checkpoint; ``rank_state`` (any picklable) is saved per global rank
-    under ``rng/`` (the trainer's RNG states). Returns the iteration dir.
+    under ``rng/`` (the trainer's RNG states); ``chat_template`` is recorded in solo_config.json (SFT). Returns the
+    iteration dir.
     """
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -59,7 +61,7 @@ def save(
         dist.barrier()
     final = iteration_dirs(root, iteration)[0]
     if rank == 0:
-        commit_iteration_dir(root, iteration, config, tokenizer_model, trainer_state)
+        commit_iteration_dir(root, iteration, config, tokenizer_model, trainer_state, chat_template)
     dist.barrier()
     return final
 

@@ -8,7 +8,8 @@ the TP/DP layout the checkpoint was saved with does not matter and memory stays 
 shard. Tensors are converted with keymap.py and written to ``model-XXXXX-of-YYYYY.safetensors`` shards of at most
 ``--max-shard-gb``.
 
-The directory gets: config.json (SoloConfig, ``auto_map`` to the shipped classes), generation_config.json (the
+The directory gets: config.json (SoloConfig, ``auto_map`` to the shipped classes; ``solo_chat_template`` when the
+checkpoint's solo_config.json records a ``chat_template``), generation_config.json (the
 5 vision token ids in ``suppress_tokens``: they are never generated), the weights, tokenizer.model, and the three
 files of ``megatron_solo/convert/hf_remote/`` (configuration_solo.py, modeling_solo.py, processing_solo.py).
 """
@@ -244,6 +245,15 @@ def open_checkpoint(checkpoint: str | os.PathLike):
     return config, tok_path, tokenizer, CheckpointTensors(found.it_dir)
 
 
+TEMPLATE_KEY = solo_checkpoint.CHAT_TEMPLATE_KEY  # solo_config.json: the template an SFT checkpoint was trained with
+HF_TEMPLATE_KEY = "solo_chat_template"  # its name in the exported config.json (HF's own `chat_template` is Jinja)
+
+
+def recorded_chat_template(checkpoint: str | os.PathLike) -> str | None:
+    """The chat template name a SOLO checkpoint records in solo_config.json (None for pre-training checkpoints)."""
+    return solo_checkpoint.open_checkpoint(checkpoint).chat_template
+
+
 def export_hf(
     checkpoint: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "auto", max_shard_gb: float = 4.0
 ) -> Path:
@@ -258,7 +268,11 @@ def export_hf(
     for name, tensor in hf_tensors(ckpt, config):
         writer.add(name, tensor.to(out_dtype))
     writer.close()
-    hf_config(config, tokenizer, out_dtype).save_pretrained(str(out_dir))
+    cfg = hf_config(config, tokenizer, out_dtype)
+    template = recorded_chat_template(checkpoint)
+    if template is not None:  # the processor's default template (processing_solo.SoloProcessor.from_pretrained)
+        setattr(cfg, HF_TEMPLATE_KEY, template)
+    cfg.save_pretrained(str(out_dir))
     generation_config(tokenizer).save_pretrained(str(out_dir))
     shutil.copyfile(tok_path, out_dir / "tokenizer.model")
     for name in REMOTE_FILES:

@@ -8,6 +8,11 @@ The HF model and config files need only transformers + torch; this processor add
 
 A prompt is one document prefix as in training: ``[BOS] + items``, where items are text runs and images in order.
 Images go where the text holds ``<image>``; without any ``<image>``, all images come first, then the text.
+
+Conversations (``apply_chat_template``) are rendered by ``megatron_solo.format.chat_template``, the one module the
+shard builder and ``megatron_solo.generate`` render through too, so the ids are those a shard holds for the same
+conversation (``[BOS] + segments + [EOS]``; without the closing EOS for a generation prompt). A plain prompt
+(``processor(text=..., images=...)``) is the ``plain`` template's rendering of one user turn.
 """
 
 import io
@@ -22,6 +27,7 @@ IMAGE_PLACEHOLDER = "<image>"
 
 def _solo_format():
     try:
+        from megatron_solo.format import chat_template, messages
         from megatron_solo.format import image as solo_image
         from megatron_solo.format import layout as solo_layout
         from megatron_solo.format import tokens as solo_tokens
@@ -30,16 +36,22 @@ def _solo_format():
             "SoloProcessor needs the SOLO format rule from the megatron_solo package (patchify and the image token "
             f"layout live in its C++ extension; they are not duplicated here): pip install megatron-solo ({e})"
         ) from e
-    return solo_image, solo_layout, solo_tokens
+    return solo_image, solo_layout, solo_tokens, chat_template, messages
 
 
 class SoloProcessor:
     """``processor(text=..., images=...)`` -> dict of ``input_ids`` [B, T], ``attention_mask`` [B, T] (left padded)
-    and ``patches`` uint8 [P, 3072] (all patches of the batch, in the flattened order of the ``<vpatch>`` tokens)."""
+    and ``patches`` uint8 [P, 3072] (all patches of the batch, in the flattened order of the ``<vpatch>`` tokens).
 
-    def __init__(self, tokenizer_file: str, vision_token_ids: dict | None = None):
-        solo_image, solo_layout, solo_tokens = _solo_format()
+    ``default_template``: the chat template ``apply_chat_template`` uses when given none (``solo_chat_template`` in
+    an exported config.json: the template the model was instruction-tuned with), else ``plain``."""
+
+    def __init__(self, tokenizer_file: str, vision_token_ids: dict | None = None, default_template: str | None = None):
+        solo_image, solo_layout, solo_tokens, self._chat, self._messages = _solo_format()
         self._image, self._layout = solo_image, solo_layout
+        self.default_template = default_template or "plain"
+        if self.default_template not in self._chat.TEMPLATES:
+            raise ValueError(f"unknown chat template {self.default_template!r}; one of {self._chat.TEMPLATES}")
         self.tokenizer = solo_tokens.SoloTokenizer(tokenizer_file)
         if vision_token_ids:
             ours = {
@@ -58,12 +70,13 @@ class SoloProcessor:
         path = str(path)
         if not os.path.isdir(path):
             raise ValueError(f"SoloProcessor.from_pretrained expects a local exported SOLO directory, got {path!r}")
-        vision_ids = None
+        config = {}
         config_file = os.path.join(path, "config.json")
         if os.path.exists(config_file):
             with open(config_file, encoding="utf-8") as f:
-                vision_ids = json.load(f).get("vision_token_ids")
-        return cls(os.path.join(path, "tokenizer.model"), vision_ids)
+                config = json.load(f)
+        template = kwargs.get("default_template") or config.get("solo_chat_template")
+        return cls(os.path.join(path, "tokenizer.model"), config.get("vision_token_ids"), template)
 
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoProcessor"):
@@ -82,23 +95,40 @@ class SoloProcessor:
             image = buf.getvalue()
         return self._image.resize_for_solo(self._image.load_image(image))
 
+    def _image_ids(self, patches: list):
+        """chat_template.token_ids' image callback: an image's ``<vision>`` layout ids; its patches go to
+        ``patches`` (called in token order)."""
+
+        def image_ids(ref) -> list[int]:
+            pixels = self.image_to_pixels(ref)
+            n_h, n_w = self._layout.grid_shape(pixels)
+            patches.append(self._layout.patchify(pixels))
+            return [int(t) for t in self._layout.image_tokens(self.tokenizer, n_h, n_w).token_ids]
+
+        return image_ids
+
+    def encode_turns(
+        self, turns, template: str = "plain", loss_on: str = "assistant", add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[int], list[np.ndarray]]:
+        """Chat-template ``Turn`` list -> (ids, targets, per-image patch arrays in token order). The whole document
+        ``[BOS] + segments + [EOS]``, or ``[BOS] + segments`` for a generation prompt."""
+        rendered = self._chat.render(turns, template, loss_on, add_generation_prompt)
+        patches: list[np.ndarray] = []
+        tok = self.tokenizer
+        ids, targets = self._chat.token_ids(
+            rendered, tok.encode, self._image_ids(patches), tok.bos_id, tok.eos_id, add_eos=not add_generation_prompt
+        )
+        return ids, targets, patches
+
     def encode_prompt(self, text: str | None, images=()) -> tuple[list[int], list[np.ndarray]]:
         """One prompt -> (token ids, list of per-image uint8 patch arrays in token order)."""
         text = text or ""
         images = list(images or [])
-        n_slots = text.count(IMAGE_PLACEHOLDER)
-        if n_slots and n_slots != len(images):
-            raise ValueError(f"text has {n_slots} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
-        pieces = text.split(IMAGE_PLACEHOLDER) if n_slots else [""] * len(images) + [text]
-        ids, patches = [self.tokenizer.bos_id], []
-        for k, piece in enumerate(pieces):
-            if piece:
-                ids += self.tokenizer.encode(piece)
-            if k < len(images):
-                pixels = self.image_to_pixels(images[k])
-                n_h, n_w = self._layout.grid_shape(pixels)
-                ids += [int(t) for t in self._layout.image_tokens(self.tokenizer, n_h, n_w).token_ids]
-                patches.append(self._layout.patchify(pixels))
+        if IMAGE_PLACEHOLDER in text:
+            parts = self._chat.place_images(text, images)
+        else:
+            parts = [*(self._chat.Image(i) for i in images), text]
+        ids, _, patches = self.encode_turns([self._chat.Turn.of("user", *parts)], "plain", "text", True)
         return ids, patches
 
     def __call__(self, text=None, images=None, return_tensors="pt", **kwargs):
@@ -113,19 +143,75 @@ class SoloProcessor:
         if len(image_lists) != len(texts):
             raise ValueError(f"{len(texts)} prompts but {len(image_lists)} image lists")
         encoded = [self.encode_prompt(t, ims) for t, ims in zip(texts, image_lists)]
-        width = max(len(ids) for ids, _ in encoded)
-        pad = self.tokenizer.pad_id
-        input_ids = [[pad] * (width - len(ids)) + ids for ids, _ in encoded]  # left padding, for generation
-        mask = [[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in encoded]
-        all_patches = [p for _, ps in encoded for p in ps]
-        patches = np.concatenate(all_patches) if all_patches else np.zeros((0, 3072), np.uint8)
+        return self._batch([(ids, None, ps) for ids, ps in encoded], return_tensors)
+
+    def apply_chat_template(
+        self,
+        conversation,
+        images=None,
+        template: str | None = None,
+        add_generation_prompt: bool = False,
+        return_targets: bool = False,
+        loss_on: str = "assistant",
+        tokenize: bool = True,
+        return_tensors: str = "pt",
+        image_root: str | None = None,
+        return_dict: bool = True,
+    ) -> dict:
+        """A conversation (or a list of them) -> the batch dict of ``__call__`` (+ ``targets`` [B, T] 0/1 where
+        ``return_targets``), with the ids of ``megatron_solo.format.chat_template``.
+
+        ``conversation``: HF messages (``[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
+        ...}]}, ...]``), LLaVA turns (``[{"from": "human", "value": "<image>\n..."}, ...]``) or ``Turn`` objects
+        (megatron_solo.format.messages). ``images``: the images that ``{"type": "image"}`` parts and ``<image>``
+        placeholders take in order (a list per conversation when batched); paths, bytes, PIL images or uint8
+        arrays. ``template``: ``plain`` / ``mistral`` (default ``self.default_template``). ``add_generation_prompt``:
+        the conversation ends with a user turn and the ids stop where the assistant's answer begins (no closing
+        EOS): what ``generate`` feeds the model. Otherwise the whole document with its closing EOS, as a shard stores
+        it; ``targets`` then follow ``loss_on`` (``assistant``, ``last`` or ``text``).
+        """
+        if not tokenize or not return_dict:
+            raise ValueError(
+                "SoloProcessor.apply_chat_template returns ids only (tokenize=True, return_dict=True): each segment "
+                "of a conversation is encoded on its own, so a rendered string encoded again would not give the ids "
+                "the model was trained on"
+            )
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = list(conversation) if batched else [conversation]
+        if images is None:
+            image_lists = [[] for _ in conversations]
+        else:
+            image_lists = [list(i) for i in images] if batched else [list(images)]
+        if len(image_lists) != len(conversations):
+            raise ValueError(f"{len(conversations)} conversations but {len(image_lists)} image lists")
+        template = template or self.default_template
+        encoded = []
+        for k, (conv, ims) in enumerate(zip(conversations, image_lists)):
+            try:
+                turns = self._messages.to_turns(conv, ims, image_root)
+                encoded.append(self.encode_turns(turns, template, loss_on, add_generation_prompt))
+            except self._chat.TemplateError as e:
+                raise ValueError(f"conversation {k}: {e}" if batched else str(e)) from None
+        return self._batch(encoded if return_targets else [(i, None, p) for i, _, p in encoded], return_tensors)
+
+    def _batch(self, encoded: list, return_tensors) -> dict:
+        """[(ids, targets or None, patches)] -> left-padded tensors (left padding: for generation)."""
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors={return_tensors!r}: only 'pt' is supported")
-        return {
+        width = max(len(ids) for ids, _, _ in encoded)
+        pad = self.tokenizer.pad_id
+        input_ids = [[pad] * (width - len(ids)) + ids for ids, _, _ in encoded]
+        mask = [[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in encoded]
+        all_patches = [p for _, _, ps in encoded for p in ps]
+        patches = np.concatenate(all_patches) if all_patches else np.zeros((0, 3072), np.uint8)
+        out = {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "attention_mask": torch.tensor(mask, dtype=torch.long),
             "patches": torch.from_numpy(np.ascontiguousarray(patches)),
         }
+        if encoded[0][1] is not None:
+            out["targets"] = torch.tensor([[0] * (width - len(t)) + t for _, t, _ in encoded], dtype=torch.long)
+        return out
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = [int(i) for i in ids]
