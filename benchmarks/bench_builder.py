@@ -39,6 +39,7 @@ from PIL import Image
 
 from megatron_solo.format.image import load_and_resize, solo_resize_shape
 from megatron_solo.format.layout import patch_grid
+from megatron_solo.format.schema import TokenIds
 from megatron_solo.format.tokens import SoloTokenizer, train_sentencepiece
 from megatron_solo.preprocess.build import BuildConfig, build
 
@@ -223,10 +224,9 @@ def packer_rate(images: list[np.ndarray], tok: SoloTokenizer, out: Path, as_grid
     items = [patch_grid(im) if as_grid else im for im in images]
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, vision_id=tok.vision_id,
-               vpatch_id=tok.vpatch_id, row_sep_id=tok.row_sep_id, vision_end_id=tok.vision_end_id)  # fmt: skip
+    ids = TokenIds.from_tokenizer(tok).as_dict()
     with Timer() as t:
-        b = _C.ShardBuilder(str(out / "shard_00000"), 32768, checksum=checksum, **ids)
+        b = _C.ShardBuilder(str(out / "shard_00000"), 32768, ids, checksum=checksum)
         for i, it in enumerate(items):
             b.add_document(f"r{i}", [it, caption], release=[])  # queued, as the build does
         b.finish()

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_solo import parallel  # noqa: E402
+from megatron_solo.format.schema import PATCH_DIM  # noqa: E402
 from megatron_solo.model.config import (  # noqa: E402
     ROW_SEP_ID,
     VISION_END_ID,
@@ -91,7 +92,7 @@ def packed_batch(b: int, s: int, vision_fraction: float, seed: int = 0) -> dict:
         labels=labels.reshape(b, s),
         loss_mask=loss_mask.reshape(b, s),
         position_ids=(torch.arange(b * s) - torch.repeat_interleave(cu_t[:-1].long(), lengths)).reshape(b, s),
-        patches=torch.randint(0, 256, (n_patches, 3072), dtype=torch.uint8),
+        patches=torch.randint(0, 256, (n_patches, PATCH_DIM), dtype=torch.uint8),
         cu_seqlens=cu_t,
         max_seqlen=int(lengths.max()),
         vision_doc_mask=torch.tensor(vision_doc).reshape(b, s),

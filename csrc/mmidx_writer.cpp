@@ -66,8 +66,8 @@ void fsync_parent_dir(const std::string& path) {
 }
 
 MMIdxWriter::MMIdxWriter(const std::string& prefix, MMIdxDType dtype, ChecksumAlgo checksum)
-    : bin_path_(prefix + ".bin"),
-      idx_path_(prefix + ".idx"),
+    : bin_path_(prefix + kBinSuffix),
+      idx_path_(prefix + kIdxSuffix),
       dtype_(dtype),
       itemsize_(mmidx_dtype_size(dtype)),
       bin_hash_(checksum) {

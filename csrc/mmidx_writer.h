@@ -33,6 +33,10 @@ enum class MMIdxDType : uint8_t { kUInt8 = 1, kInt8 = 2, kInt16 = 3, kInt32 = 4,
 
 int64_t mmidx_dtype_size(MMIdxDType dtype);
 
+// The two files of one dataset, {prefix}.bin and {prefix}.idx (megatron-core's get_bin_path / get_idx_path).
+inline constexpr char kBinSuffix[] = ".bin";
+inline constexpr char kIdxSuffix[] = ".idx";
+
 // Temporary name of a file that finish()/commit() later renames to `final_path`.
 std::string temp_path_for(const std::string& final_path);
 

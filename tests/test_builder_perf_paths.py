@@ -13,12 +13,12 @@ import pytest
 import xxhash
 
 from megatron_solo import _C
-from megatron_solo.data.shards import shard_files
 from megatron_solo.format.layout import patch_grid
+from megatron_solo.format.schema import shard_files
 from megatron_solo.preprocess import handoff
 from megatron_solo.preprocess import manifest as mf
 
-IDS = dict(bos_id=1, eos_id=2, pad_id=0, vision_id=500, vpatch_id=501, row_sep_id=502, vision_end_id=503)
+IDS = dict(bos=1, eos=2, pad=0, vision=500, vpatch=501, row_sep=502, vision_end=503)
 
 
 @pytest.mark.parametrize("portable", [False, True])
@@ -47,7 +47,7 @@ def test_xxh64_matches_the_xxhash_package():
 
 def _build_random_shard(path, checksum: str) -> dict:
     rng = np.random.default_rng(1)
-    b = _C.ShardBuilder(str(path / "shard_00000"), 512, buffer_docs=8, checksum=checksum, **IDS)
+    b = _C.ShardBuilder(str(path / "shard_00000"), 512, IDS, buffer_docs=8, checksum=checksum)
     for i in range(40):
         items = [rng.integers(3, 400, int(rng.integers(1, 60)), dtype=np.int32)]
         if i % 3 == 0:
@@ -105,7 +105,7 @@ def test_patch_grid_items_give_the_same_shard_as_pixels(tmp_path):
         docs.append(items)
     sums = []
     for name, convert in (("pixels", lambda a: a), ("grid", lambda a: patch_grid(a) if a.dtype == np.uint8 else a)):
-        b = _C.ShardBuilder(str(tmp_path / name), 256, buffer_docs=8, **IDS)
+        b = _C.ShardBuilder(str(tmp_path / name), 256, IDS, buffer_docs=8)
         for i, items in enumerate(docs):
             b.add_document(f"r{i}", [convert(a) for a in items])
         sums.append(sorted(b.finish()["files"].values()))
@@ -114,7 +114,7 @@ def test_patch_grid_items_give_the_same_shard_as_pixels(tmp_path):
     with pytest.raises(ValueError, match="out must be"):
         _C.patchify(np.zeros((64, 64, 3), np.uint8), out=out)  # 4 patches do not fit 3
     with pytest.raises(TypeError, match="patch grid"):
-        b2 = _C.ShardBuilder(str(tmp_path / "bad"), 256, **IDS)
+        b2 = _C.ShardBuilder(str(tmp_path / "bad"), 256, IDS)
         b2.add_document("bad", [np.zeros((2, 2, 3071), np.uint8)])
 
 
@@ -139,11 +139,11 @@ def test_queued_add_document_gives_the_same_shard_and_frees_each_slot(tmp_path):
     docs = _mixed_docs(5, 60)
     (tmp_path / "sync").mkdir()
     (tmp_path / "queued").mkdir()
-    b = _C.ShardBuilder(str(tmp_path / "sync" / "s"), 256, buffer_docs=8, **IDS)
+    b = _C.ShardBuilder(str(tmp_path / "sync" / "s"), 256, IDS, buffer_docs=8)
     for i, items in enumerate(docs):
         b.add_document(f"r{i}", items)
     want = b.finish()
-    b = _C.ShardBuilder(str(tmp_path / "queued" / "s"), 256, buffer_docs=8, **IDS)
+    b = _C.ShardBuilder(str(tmp_path / "queued" / "s"), 256, IDS, buffer_docs=8)
     flags = []
     for i, items in enumerate(docs):
         doc_flags = [np.ones(1, np.uint8) for a in items if a.dtype == np.uint8]
@@ -155,7 +155,7 @@ def test_queued_add_document_gives_the_same_shard_and_frees_each_slot(tmp_path):
 
 
 def test_queued_add_document_checks_shapes_in_the_call_and_abort_frees_queued_slots(tmp_path):
-    b = _C.ShardBuilder(str(tmp_path / "s"), 256, **IDS)
+    b = _C.ShardBuilder(str(tmp_path / "s"), 256, IDS)
     text = np.arange(3, 20, dtype=np.int32)
     with pytest.raises(ValueError, match="record bad, item 1"):
         b.add_document("bad", [text, np.zeros((33, 32, 3), np.uint8)], release=[])
@@ -168,14 +168,14 @@ def test_queued_add_document_checks_shapes_in_the_call_and_abort_frees_queued_sl
     b.abort()  # queued documents are dropped, their slots handed back all the same
     assert all(f[0] == 0 for f in flags)
     assert list(tmp_path.iterdir()) == []
-    b = _C.ShardBuilder(str(tmp_path / "s"), 256, **IDS)
+    b = _C.ShardBuilder(str(tmp_path / "s"), 256, IDS)
     b.add_document("ok", [text], release=[])
     assert b.stats()["input_documents"] == 1  # stats() waits for the intake thread
     assert b.finish()["documents"] == 1
 
 
 def test_big_endian_tokens_are_converted_not_misread(tmp_path):
-    b = _C.ShardBuilder(str(tmp_path / "s"), 64, **IDS)
+    b = _C.ShardBuilder(str(tmp_path / "s"), 64, IDS)
     b.add_document("be", [np.arange(3, 10, dtype=">i4")])
     b.finish()
     tokens = np.fromfile(tmp_path / "s.tokens.bin", dtype=np.int32)
@@ -240,7 +240,7 @@ def test_a_write_error_surfaces_and_leaves_no_shard(tmp_path):
         from megatron_solo import _C
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write then fails with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-        b = _C.ShardBuilder({str(tmp_path / "s")!r}, 256, buffer_docs=4, **{IDS!r})
+        b = _C.ShardBuilder({str(tmp_path / "s")!r}, 256, {IDS!r}, buffer_docs=4)
         img = np.zeros((128, 128, 3), np.uint8)
         try:
             for i in range(400):  # ~20 MB of patches, far past the cap, well past the 8 queued packs

@@ -77,10 +77,12 @@ def _reference(tokenizer, turns, template, add_generation_prompt):
 
 def _shard_document(tmp_path, tokenizer, rendered):
     """The document the C++ ShardBuilder stores for the rendered segments (text encoded per segment, the inner
-    EOS a one-token item, images as resized pixels), read back with the shard reader."""
+    EOS a one-token item, images as resized pixels, one target flag per segment), read back with the shard reader:
+    (ids, targets, patches)."""
     from megatron_solo import _C
     from megatron_solo.data.shards import Shard
     from megatron_solo.format.image import load_and_resize
+    from megatron_solo.format.schema import TokenIds
 
     items = []
     for s in rendered.segments:
@@ -90,14 +92,13 @@ def _shard_document(tmp_path, tokenizer, rendered):
             items.append(np.asarray([tokenizer.eos_id], np.int32))
         else:
             items.append(load_and_resize(str(s.image)))
-    t = tokenizer
-    ids = dict(bos_id=t.bos_id, eos_id=t.eos_id, pad_id=t.pad_id, vision_id=t.vision_id, vpatch_id=t.vpatch_id,
-               row_sep_id=t.row_sep_id, vision_end_id=t.vision_end_id)  # fmt: skip
-    builder = _C.ShardBuilder(str(tmp_path / "shard_00000"), 512, **ids)
-    builder.add_document("conv0", items)
+    builder = _C.ShardBuilder(str(tmp_path / "shard_00000"), 512, TokenIds.from_tokenizer(tokenizer).as_dict())
+    flags = [int(s.target and s.kind != "image") for s in rendered.segments]  # an image is never a target
+    builder.add_document("conv0", items, targets=flags, eos_target=rendered.eos_target)
     builder.finish()
     pack = Shard(tmp_path / "shard_00000")[0]
-    return pack.tokens[: pack.cu_seqlens[1]].tolist(), pack.patches
+    n = pack.cu_seqlens[1]
+    return pack.tokens[:n].tolist(), pack.targets[:n].tolist(), pack.patches
 
 
 def _first_forward_ids(model):
@@ -132,8 +133,9 @@ def test_processor_renderer_shard_and_generate_ids_are_identical(hf, tiny_solo, 
     n_eos_targets = sum(m for t, m in zip(want_ids, want_targets) if t == tok.eos_id)
     assert n_eos_targets == (2 if template == "mistral" else 1)  # mistral: each answer's EOS; plain: the final one
 
-    shard_ids, shard_patches = _shard_document(tmp_path, tok, rendered)
+    shard_ids, shard_targets, shard_patches = _shard_document(tmp_path, tok, rendered)
     assert shard_ids == want_ids and np.array_equal(shard_patches, want_patches)
+    assert shard_targets == want_targets  # the stored targets (format v2) are the processor's
 
     # generate: the prompt (the conversation up to the last user turn) as the model's first forward sees it.
     prompt_ids, _, prompt_patches, _ = _reference(tok, _turns(images)[:-1], template, True)

@@ -40,7 +40,7 @@ def _shard_set(d, docs, seq_length=S, shards=1, **ids) -> str:
     per = -(-len(docs) // shards)
     for k in range(shards):
         prefix = d / f"shard_{k:05d}"
-        b = _C.ShardBuilder(str(prefix), seq_length, **{**IDS, **ids}, buffer_docs=64)
+        b = _C.ShardBuilder(str(prefix), seq_length, {**IDS, **ids}, buffer_docs=64)
         for rid, items in docs[k * per : (k + 1) * per]:
             b.add_document(rid, items)
         b.finish()
@@ -57,7 +57,7 @@ def sets(tmp_path_factory):
         img=_shard_set(root / "img", _image_docs(120, 1), shards=2),
         txt=_shard_set(root / "txt", _text_docs(300, 2)),
         txt512=_shard_set(root / "txt512", _text_docs(40, 3), seq_length=512),
-        other_ids=_shard_set(root / "other_ids", _text_docs(40, 4), pad_id=5),
+        other_ids=_shard_set(root / "other_ids", _text_docs(40, 4), pad=5),
     )
 
 
@@ -156,7 +156,7 @@ def test_deterministic_any_index_and_seed_dependent(sets):
         i, j = a.source_of(g)
         np.testing.assert_array_equal(a[g].tokens, a.sets[i][j].tokens)
         np.testing.assert_array_equal(a[g].patches, a.sets[i][j].patches)
-    assert a.seq_length == S and a.token_ids.vpatch == IDS["vpatch_id"] and a.token_ids.pad == IDS["pad_id"]
+    assert a.seq_length == S and a.token_ids.vpatch == IDS["vpatch"] and a.token_ids.pad == IDS["pad"]
     with pytest.raises(IndexError):
         a.source_of(-1)
     assert "samples/epoch" in a.describe()

@@ -24,18 +24,18 @@ def _pack(docs: list[list[int]], s: int, images: dict[int, int]) -> Pack:
     n_patch = int((tokens == VPATCH).sum())
     patches = np.arange(n_patch * 3072, dtype=np.int64).reshape(n_patch, 3072).astype(np.uint8)
     has_image = np.array([any(t == VPATCH for t in d) for d in docs])
-    return Pack(tokens=tokens, text_mask=text, patches=patches, cu_seqlens=cu, doc_has_image=has_image)
+    return Pack(tokens=tokens, targets=text, patches=patches, cu_seqlens=cu, doc_has_image=has_image)
 
 
 def _reference_loss_mask(pack: Pack) -> np.ndarray:
-    """Independent rule, position by position: the label (next token) is text and in the same document."""
+    """Independent rule, position by position: the label (next token) is a target and in the same document."""
     s = len(pack.tokens)
     doc = np.full(s, -1)
     for d, (a, b) in enumerate(zip(pack.cu_seqlens[:-1], pack.cu_seqlens[1:])):
         doc[a:b] = d
     out = np.zeros(s, dtype=np.float32)
     for t in range(s - 1):
-        if doc[t] >= 0 and doc[t] == doc[t + 1] and pack.text_mask[t + 1]:
+        if doc[t] >= 0 and doc[t] == doc[t + 1] and pack.targets[t + 1]:
             out[t] = 1
     return out
 
@@ -63,6 +63,18 @@ def test_collate_matches_the_solo_batch_contract():
     want_vis = [[1] * 9 + [0] * 7, [0] * 3 + [1] * 6 + [0] * 7]
     assert b.vision_doc_mask.int().tolist() == want_vis
     assert b.num_real_tokens == 32 - 10
+
+
+def test_loss_mask_follows_the_stored_targets():
+    """Instruction-tuning targets (only the answer and its end token) reach loss_mask as stored, not re-derived."""
+    d0 = [BOS, TXT, TXT + 1, EOS, TXT + 2, TXT + 3, EOS, EOS]  # prompt, EOS, answer, end of turn, closing EOS
+    pack = _pack([d0, [BOS, TXT + 4, EOS]], 12, {})
+    pack.targets[:] = 0
+    pack.targets[[4, 5, 6]] = 1  # the answer and its end-of-turn EOS; the closing EOS is not a target
+    pack.targets[9] = 1
+    b = to_solo_batch(collate([pack]))
+    np.testing.assert_array_equal(b.loss_mask[0].numpy(), _reference_loss_mask(pack))
+    assert b.loss_mask[0].nonzero().squeeze(1).tolist() == [3, 4, 5, 8]
 
 
 def test_collate_rejects_unequal_packs():

@@ -139,6 +139,7 @@ def hf_tensors(ckpt: CheckpointTensors, config) -> Iterator[tuple[str, torch.Ten
 def hf_config(config, tokenizer, dtype: torch.dtype):
     """The SOLO-HF config (configuration_solo.SoloConfig) of a megatron SoloConfig + its tokenizer."""
     from megatron_solo.convert.hf_remote.configuration_solo import SoloConfig as HFSoloConfig
+    from megatron_solo.format.schema import PATCH_SIZE
 
     window = config.window_size
     cfg = HFSoloConfig(
@@ -159,15 +160,9 @@ def hf_config(config, tokenizer, dtype: torch.dtype):
         bos_token_id=tokenizer.bos_id,
         eos_token_id=tokenizer.eos_id,
         pad_token_id=tokenizer.pad_id,
-        patch_size=32,
+        patch_size=PATCH_SIZE,
         patch_dim=config.patch_dim,
-        vision_token_ids={
-            "vision": tokenizer.vision_id,
-            "vpatch": tokenizer.vpatch_id,
-            "row_sep": tokenizer.row_sep_id,
-            "frame_sep": tokenizer.frame_sep_id,
-            "vision_end": tokenizer.vision_end_id,
-        },
+        vision_token_ids=tokenizer.vision_token_ids(),
         first_special_id=tokenizer.first_special_id,
         pixel_mean=list(config.pixel_mean),
         pixel_std=list(config.pixel_std),

@@ -21,8 +21,8 @@ What it does, rank by rank:
 New rows: the 5 vision-token rows of the input embedding AND of the output layer are the mean of the existing rows
 (so a new token starts as "an average token": it perturbs neither the input statistics nor, in the output, takes
 probability mass from real tokens beyond the average). Rows past ``V`` (TP padding) are zero; their logits are
-masked to -inf by SoloModel. The projector (``[hidden, 3072]``, no bias) is drawn from N(0, std^2) with
-``std = std(word embeddings) / sqrt(3072)``: a normalised patch has ~unit variance per value, so its projection has
+masked to -inf by SoloModel. The projector (``[hidden, patch_dim]``, no bias) is drawn from N(0, std^2) with
+``std = std(word embeddings) / sqrt(patch_dim)``: a normalised patch has ~unit variance per value, so its projection has
 the per-dimension scale of a word embedding and the pretrained decoder starts from inputs at its familiar scale
 (``--projector-init normal`` uses ``init_method_std`` = HF ``initializer_range`` instead). Seeded: the same inputs
 give the same checkpoint at any TP.
@@ -153,8 +153,7 @@ def solo_config_from_hf(cfg, tokenizer, tensor_model_parallel_size: int = 1, **o
     )
     if cfg.model_type == "solo":  # an exported SOLO-HF dir: its vision settings and token ids must agree
         fields.update(patch_dim=int(cfg.patch_dim), pixel_mean=tuple(cfg.pixel_mean), pixel_std=tuple(cfg.pixel_std))
-        ours = {"vision": tokenizer.vision_id, "vpatch": tokenizer.vpatch_id, "row_sep": tokenizer.row_sep_id,
-                "frame_sep": tokenizer.frame_sep_id, "vision_end": tokenizer.vision_end_id}  # fmt: skip
+        ours = tokenizer.vision_token_ids()
         if dict(cfg.vision_token_ids) != ours:
             raise ConversionError(f"config.json vision_token_ids {cfg.vision_token_ids} != the tokenizer's {ours}")
     fields.update(overrides)
@@ -380,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="stored dtype (auto: the HF dtype)")
     p.add_argument(
         "--projector-init", default="embedding-scale", choices=["embedding-scale", "normal"],
-        help="embedding-scale: N(0, (std(emb)/sqrt(3072))^2); normal: N(0, initializer_range^2)",
+        help="embedding-scale: N(0, (std(emb)/sqrt(patch_dim))^2); normal: N(0, initializer_range^2)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=1234, help="seed of the projector init")
     p.add_argument("--tokenizer-model", default=None, help="base tokenizer.model (default: <hf-dir>/tokenizer.model)")

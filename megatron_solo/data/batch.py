@@ -28,7 +28,7 @@ class SoloBatch:
 
     tokens: torch.Tensor  # int64[b, s]
     labels: torch.Tensor  # int64[b, s]: tokens shifted left (last column 0, never a target)
-    loss_mask: torch.Tensor  # float32[b, s]: 1 where the label is a text token of the same document
+    loss_mask: torch.Tensor  # float32[b, s]: 1 where the label is a target token of the same document
     position_ids: torch.Tensor  # int64[b, s]: restart at 0 per document (and per padding segment)
     patches: torch.Tensor  # uint8[P, 3072] in <vpatch> order over tokens.flatten()
     cu_seqlens: torch.Tensor  # int32[n+1] over the flattened b*s tokens; padding is its own segment
@@ -72,11 +72,11 @@ def collate(packs: Sequence[Pack]) -> WireBatch:
         tokens[r] = p.tokens
         cu = p.cu_seqlens.astype(np.int64)
         n_real = int(cu[-1]) if len(cu) else 0
-        # loss_mask[t] = label t+1 is a text token AND t+1 is inside the same document as t
+        # loss_mask[t] = label t+1 is a loss target (Pack.targets) AND t+1 is inside the same document as t
         same_doc_next = np.zeros(s, dtype=bool)
         same_doc_next[: max(n_real - 1, 0)] = True
         same_doc_next[cu[1:-1] - 1] = False  # last token of each document predicts the next document's start
-        masks[0, r, :-1] = (p.text_mask[1:] > 0) & same_doc_next[:-1]
+        masks[0, r, :-1] = (p.targets[1:] > 0) & same_doc_next[:-1]
         doc_of = np.repeat(np.arange(len(cu) - 1), np.diff(cu))
         masks[1, r, :n_real] = p.doc_has_image[doc_of]
         base = r * s

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_solo.data.shards import Pack, ShardSet, TokenIds, _manifest_prefixes, read_manifest, read_shard_meta
+from megatron_solo.data.shards import Pack, ShardSet, _manifest_prefixes, read_manifest, read_shard_meta
+from megatron_solo.format.schema import TokenIds
 
 __all__ = [
     "BlendedPacks",

@@ -1,8 +1,9 @@
 """Read SOLO shards (written by ``megatron_solo._C.ShardBuilder``) as ``Pack``s.
 
-Each shard prefix holds three Megatron-Core MMIDIDX datasets (one IndexedDataset "sequence" per pack) and a JSON
-sidecar; see docs/shard_format.md. Reading goes through Megatron's own ``IndexedDataset`` (mmap): ``Pack.patches``
-is a read-only view into the mapped ``.patches.bin``, never a copy.
+Each shard prefix holds one Megatron-Core MMIDIDX dataset per part (one IndexedDataset "sequence" per pack) and a
+JSON sidecar; see docs/shard_format.md (the names: megatron_solo/format/schema.py). Reading goes through Megatron's
+own ``IndexedDataset`` (mmap): ``Pack.patches`` is a read-only view into the mapped ``.patches.bin``, never a copy.
+Format v2 stores the loss targets; a v1 shard (no targets part) reads with the targets derived by the v1 rule.
 """
 
 from __future__ import annotations
@@ -15,11 +16,21 @@ from pathlib import Path
 
 import numpy as np
 
-PATCH_DIM = 3072
-MANIFEST_NAME = "manifest.json"
-SHARD_FORMAT = "solo-shard"
-SHARD_FORMAT_VERSION = 1
-SHARD_PARTS = ("tokens", "patches", "docs")
+from megatron_solo.format.schema import (
+    DOCS,
+    MANIFEST_NAME,
+    MMIDIDX_SUFFIXES,
+    PATCH_DIM,
+    PATCHES,
+    READABLE_VERSIONS,
+    SHARD_FORMAT,
+    TARGETS,
+    TOKENS,
+    TokenIds,
+    part_prefix,
+    shard_parts,
+    sidecar_path,
+)
 
 
 @dataclass
@@ -27,38 +38,23 @@ class Pack:
     """One packed training sequence (see the ``ShardSet`` contract in docs/architecture.md)."""
 
     tokens: np.ndarray  # int32[S], padded with pad id after cu_seqlens[-1]
-    text_mask: np.ndarray  # uint8[S], 1 on text tokens (BOS excluded, EOS included), 0 on vision/special/pad
-    patches: np.ndarray  # uint8[P, 3072], one row per <vpatch> token, in token order
+    targets: np.ndarray  # uint8[S], 1 where token t is a loss target (never BOS, an image layout token or padding)
+    patches: np.ndarray  # uint8[P, PATCH_DIM], one row per <vpatch> token, in token order
     cu_seqlens: np.ndarray  # int32[D+1], document boundaries; cu_seqlens[-1] = real tokens
     doc_has_image: np.ndarray  # bool[D]
 
 
-@dataclass(frozen=True)
-class TokenIds:
-    bos: int
-    eos: int
-    pad: int
-    vision: int
-    vpatch: int
-    row_sep: int
-    vision_end: int
-    first_special: int
-
-
-def shard_files(prefix: str | os.PathLike) -> list[str]:
-    """The seven files of a complete shard (data files, then the sidecar that marks completeness)."""
-    p = str(prefix)
-    return [f"{p}.{part}.{ext}" for part in SHARD_PARTS for ext in ("bin", "idx")] + [f"{p}.json"]
-
-
 def read_shard_meta(prefix: str | os.PathLike) -> dict:
     """The sidecar ``{prefix}.json`` (its presence marks a complete shard)."""
-    path = Path(f"{prefix}.json")
+    path = Path(sidecar_path(prefix))
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; the shard at prefix {prefix} is incomplete (finish() never ran?)")
     meta = json.loads(path.read_text())
-    if meta.get("format") != SHARD_FORMAT or meta.get("format_version") != SHARD_FORMAT_VERSION:
-        raise ValueError(f"{path}: not a {SHARD_FORMAT} v{SHARD_FORMAT_VERSION} sidecar: {meta.get('format')!r}")
+    if meta.get("format") != SHARD_FORMAT or meta.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{path}: not a {SHARD_FORMAT} sidecar of a readable version {READABLE_VERSIONS}: format "
+            f"{meta.get('format')!r} version {meta.get('format_version')!r}"
+        )
     return meta
 
 
@@ -77,8 +73,9 @@ def _manifest_prefixes(directory: Path, manifest: dict) -> list[str]:
     relative to the directory; without a list, every complete shard (with its sidecar) in sorted order."""
     entries = manifest.get("shards")
     if entries is None:
-        prefixes = [str(s)[: -len(".tokens.idx")] for s in sorted(directory.glob("*.tokens.idx"))]
-        return [p for p in prefixes if Path(f"{p}.json").exists()]
+        index = part_prefix("", TOKENS) + MMIDIDX_SUFFIXES[-1]  # ".tokens.idx": one per shard
+        prefixes = [str(s)[: -len(index)] for s in sorted(directory.glob(f"*{index}"))]
+        return [p for p in prefixes if Path(sidecar_path(p)).exists()]
     prefixes = []
     for e in entries:
         name = e if isinstance(e, str) else e.get("prefix", e.get("name"))
@@ -89,11 +86,19 @@ def _manifest_prefixes(directory: Path, manifest: dict) -> list[str]:
 
 
 def derive_text_mask(tokens: np.ndarray, n_real: int, ids: TokenIds) -> np.ndarray:
-    """text_mask rule: 1 where position < n_real (not padding), token != BOS and token < first_special
-    (vision/special ids are >= first_special; EOS is text)."""
+    """The v1 target rule (shards before stored targets): 1 where position < n_real (not padding), token != BOS and
+    token < first_special (vision/special ids are >= first_special; EOS is text)."""
     mask = (tokens != ids.bos) & (tokens < ids.first_special)
     mask[n_real:] = False
     return mask.astype(np.uint8)
+
+
+def targets_from_runs(runs: np.ndarray, length: int) -> np.ndarray:
+    """uint8[length] target mask from a pack's stored targets: int32[2K], the [start, end) runs of target tokens."""
+    mask = np.zeros(length, dtype=np.uint8)
+    for start, end in np.asarray(runs, dtype=np.int64).reshape(-1, 2):
+        mask[start:end] = 1
+    return mask
 
 
 def derive_doc_has_image(tokens: np.ndarray, cu_seqlens: np.ndarray, ids: TokenIds) -> np.ndarray:
@@ -119,32 +124,38 @@ def _pinned(view: np.ndarray, owner: object) -> np.ndarray:
 
 
 class Shard:
-    """One shard prefix: three IndexedDatasets + the sidecar."""
+    """One shard prefix: one IndexedDataset per part + the sidecar."""
 
     def __init__(self, prefix: str | os.PathLike, seq_length: int | None = None):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.prefix = str(prefix)
         self.meta = read_shard_meta(self.prefix)
+        self.version = int(self.meta["format_version"])
         self.seq_length = int(self.meta["seq_length"])
         if seq_length is not None and seq_length != self.seq_length:
             raise ValueError(f"{self.prefix}: shard seq_length {self.seq_length} != requested {seq_length}")
-        t = self.meta["token_ids"]
-        self.ids = TokenIds(
-            t["bos"], t["eos"], t["pad"], t["vision"], t["vpatch"], t["row_sep"], t["vision_end"], t["first_special"]
-        )
-        self.tokens = IndexedDataset(f"{self.prefix}.tokens")
-        self.patches = IndexedDataset(f"{self.prefix}.patches")
-        self.docs = IndexedDataset(f"{self.prefix}.docs")
-        n = len(self.tokens)
-        if not (len(self.patches) == len(self.docs) == n == self.meta["packs"]):
-            raise ValueError(
-                f"{self.prefix}: pack counts disagree (tokens {n}, patches {len(self.patches)}, docs {len(self.docs)},"
-                f" sidecar {self.meta['packs']})"
-            )
+        self.ids = TokenIds.from_dict(self.meta["token_ids"], sidecar_path(self.prefix))
+        parts = shard_parts(self.version)
+        missing = [f for p in parts for f in (part_prefix(self.prefix, p) + e for e in MMIDIDX_SUFFIXES)]
+        missing = [f for f in missing if not os.path.exists(f)]
+        if missing:
+            raise FileNotFoundError(f"{self.prefix}: a v{self.version} shard has parts {parts}; missing {missing}")
+        self.parts = {p: IndexedDataset(part_prefix(self.prefix, p)) for p in parts}
+        self.tokens, self.patches, self.docs = self.parts[TOKENS], self.parts[PATCHES], self.parts[DOCS]
+        self.targets = self.parts.get(TARGETS)  # None: a v1 shard, targets derived
+        counts = {p: len(ds) for p, ds in self.parts.items()}
+        if len(set(counts.values())) > 1 or counts[TOKENS] != self.meta["packs"]:
+            raise ValueError(f"{self.prefix}: pack counts disagree ({counts}, sidecar {self.meta['packs']})")
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def pack_targets(self, i: int, tokens: np.ndarray, n_real: int) -> np.ndarray:
+        """uint8[S] targets of pack i: stored (v2) or derived by the v1 rule."""
+        if self.targets is None:
+            return derive_text_mask(tokens, n_real, self.ids)
+        return targets_from_runs(self.targets[i], len(tokens))
 
     def __getitem__(self, i: int) -> Pack:
         tokens = _pinned(self.tokens[i], self)
@@ -152,10 +163,9 @@ class Shard:
         patches = _pinned(self.patches[i].reshape(-1, PATCH_DIM), self)
         if len(tokens) != self.seq_length:
             raise ValueError(f"{self.prefix}: pack {i} has {len(tokens)} tokens, expected {self.seq_length}")
-        n_real = int(cu[-1])
         return Pack(
             tokens=tokens,
-            text_mask=derive_text_mask(tokens, n_real, self.ids),
+            targets=self.pack_targets(i, tokens, int(cu[-1])),
             patches=patches,
             cu_seqlens=cu,
             doc_has_image=derive_doc_has_image(tokens, cu, self.ids),

@@ -11,13 +11,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from megatron_solo import _C
+from megatron_solo.format.schema import PATCH_DIM, PATCH_SIZE  # noqa: F401 (re-exported: the format's face)
 
 if TYPE_CHECKING:
     from megatron_solo.format.tokens import SoloTokenizer
-
-PATCH_SIZE: int = int(_C.PATCH_SIZE)  # 32 pixels a side
-PATCH_DIM: int = int(_C.PATCH_DIM)  # 3 * 32 * 32 = 3072 uint8 values a patch
-MAX_PATCHES_PER_SIDE: int = 1024 // PATCH_SIZE  # the resize rule caps the long side at 1024 px
 
 
 def patchify(img: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

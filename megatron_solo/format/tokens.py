@@ -28,8 +28,16 @@ VPATCH_TOKEN = "<vpatch>"
 ROW_SEP_TOKEN = "<vrow_sep>"
 FRAME_SEP_TOKEN = "<vframe_sep>"
 VISION_END_TOKEN = "</vision>"
-# Released SOLO order: ids V..V+4 on a V-piece model.
-VISION_TOKENS: tuple[str, ...] = (VISION_TOKEN, VPATCH_TOKEN, ROW_SEP_TOKEN, FRAME_SEP_TOKEN, VISION_END_TOKEN)
+# role -> token, in the released SOLO order: ids V..V+4 on a V-piece model. The role names are the tokenizer's
+# ``{role}_id`` attributes, the keys of an HF config's ``vision_token_ids`` and (but frame_sep) of schema.TokenIds.
+VISION_TOKEN_ROLES: dict[str, str] = {
+    "vision": VISION_TOKEN,
+    "vpatch": VPATCH_TOKEN,
+    "row_sep": ROW_SEP_TOKEN,
+    "frame_sep": FRAME_SEP_TOKEN,
+    "vision_end": VISION_END_TOKEN,
+}
+VISION_TOKENS: tuple[str, ...] = tuple(VISION_TOKEN_ROLES.values())
 NUM_LOC_TOKENS = 1024
 LOC_TOKENS: tuple[str, ...] = tuple(f"<loc_{k}>" for k in range(1, NUM_LOC_TOKENS + 1))
 
@@ -41,6 +49,11 @@ PathLike = str | os.PathLike
 
 class TokenizerError(ValueError):
     """A tokenizer file cannot be used or extended as asked."""
+
+
+def appended_vision_ids(base_vocab: int) -> dict[str, int]:
+    """role -> id of the SOLO tokens once :func:`extend_proto` has appended them to a ``base_vocab``-piece model."""
+    return {role: base_vocab + k for k, role in enumerate(VISION_TOKEN_ROLES)}
 
 
 def _load_proto(path: PathLike) -> sp_pb2.ModelProto:
@@ -97,10 +110,11 @@ def extend_tokenizer(in_path: PathLike, out_path: PathLike, with_loc_tokens: boo
     data = proto.SerializeToString()
     # Check the result loads and ids are where the format says, before anything is written.
     sp = spm.SentencePieceProcessor(model_proto=data)
-    for k, token in enumerate(VISION_TOKENS):
-        if sp.piece_to_id(token) != base + k:
+    for role, want in appended_vision_ids(base).items():
+        token = VISION_TOKEN_ROLES[role]
+        if sp.piece_to_id(token) != want:
             got = sp.piece_to_id(token)
-            raise TokenizerError(f"extending {str(in_path)!r}: {token!r} got id {got}, not {base + k}")
+            raise TokenizerError(f"extending {str(in_path)!r}: {token!r} got id {got}, not {want}")
     _atomic_write(out_path, data)
     return SoloTokenizer(out_path)
 
@@ -204,6 +218,10 @@ class SoloTokenizer:
         self.pad_id: int = pad if pad >= 0 else unk if unk >= 0 else self.eos_id
         self.has_loc_tokens: bool = LOC_TOKENS[0] in ids
         self._loc_base = ids.get(LOC_TOKENS[0], -1)
+
+    def vision_token_ids(self) -> dict[str, int]:
+        """role -> id of the SOLO vision tokens (an exported HF config's ``vision_token_ids``)."""
+        return {role: getattr(self, f"{role}_id") for role in VISION_TOKEN_ROLES}
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids, without BOS/EOS."""

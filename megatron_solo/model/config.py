@@ -13,10 +13,13 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-# SOLO_SPEC.md: special tokens appended to the 32000-piece SentencePiece model, in this order.
-VISION_ID, VPATCH_ID, ROW_SEP_ID, FRAME_SEP_ID, VISION_END_ID = 32000, 32001, 32002, 32003, 32004
-PATCH_SIZE = 32
-PATCH_DIM = 3 * PATCH_SIZE * PATCH_SIZE  # 3072 raw uint8 values, channel-first (c, y, x)
+from megatron_solo.format.schema import PATCH_DIM
+from megatron_solo.format.tokens import VISION_TOKENS, appended_vision_ids
+
+# SOLO_SPEC.md: the vision tokens are appended to Mistral-7B-v0.1's SentencePiece model (format/tokens.py's rule).
+MISTRAL_VOCAB_SIZE = 32000
+_SOLO_7B_VISION_IDS = appended_vision_ids(MISTRAL_VOCAB_SIZE)
+VISION_ID, VPATCH_ID, ROW_SEP_ID, FRAME_SEP_ID, VISION_END_ID = _SOLO_7B_VISION_IDS.values()  # released SOLO-7B
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 VOCAB_PAD_MULTIPLE = 128
@@ -37,7 +40,7 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int = 1, mult
 class SoloConfig(TransformerConfig):
     """TransformerConfig + what makes the model SOLO. Sizes of the decoder are the TransformerConfig fields."""
 
-    vocab_size: int = 32005
+    vocab_size: int = MISTRAL_VOCAB_SIZE + len(VISION_TOKENS)
     """Unpadded vocabulary size (SentencePiece pieces incl. the appended vision tokens)."""
 
     vpatch_id: int = VPATCH_ID
@@ -47,7 +50,7 @@ class SoloConfig(TransformerConfig):
     """Ids >= this are vision/special tokens: never loss targets (the data side builds loss_mask from it)."""
 
     patch_dim: int = PATCH_DIM
-    """Raw values per patch (3 x 32 x 32, channel-first)."""
+    """Raw values per patch (RGB x patch size x patch size, channel-first; format/schema.py)."""
 
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN
     pixel_std: tuple[float, float, float] = IMAGENET_STD

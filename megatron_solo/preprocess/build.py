@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from megatron_solo import _C
-from megatron_solo.data.shards import MANIFEST_NAME, SHARD_PARTS
 from megatron_solo.format.image import DEFAULT_MAX_PIXELS
+from megatron_solo.format.schema import MANIFEST_NAME, SHARD_ENTRY_COUNTS, SHARD_PARTS, TokenIds
 from megatron_solo.format.tokens import SoloTokenizer
 from megatron_solo.preprocess import handoff
 from megatron_solo.preprocess import manifest as mf
@@ -283,16 +283,7 @@ def build(cfg: BuildConfig) -> dict:
     start = kept[-1]["records"][1] if kept else 0
     progress = {"build_key": key, "shards": list(kept)}
 
-    ids = dict(
-        bos_id=tok.bos_id,
-        eos_id=tok.eos_id,
-        pad_id=tok.pad_id,
-        vision_id=tok.vision_id,
-        vpatch_id=tok.vpatch_id,
-        row_sep_id=tok.row_sep_id,
-        vision_end_id=tok.vision_end_id,
-        first_special_id=tok.first_special_id,
-    )
+    token_ids = TokenIds.from_tokenizer(tok).as_dict()
     target_tokens = cfg.shard_size_packs * cfg.seq_length
     kill_at = int(os.environ.get(KILL_AT_RECORD_ENV, "-1"))
     handoff_dir = handoff.default_dir() if cfg.workers > 0 else ""
@@ -337,7 +328,7 @@ def build(cfg: BuildConfig) -> dict:
                 buffer_docs=cfg.buffer_docs,
                 long_text=cfg.long_text,
                 checksum=cfg.checksum,
-                **ids,
+                token_ids=token_ids,
             ),
         )
 
@@ -395,7 +386,7 @@ def build(cfg: BuildConfig) -> dict:
 def make_manifest(cfg: BuildConfig, tok: SoloTokenizer, sources: list[dict], key: str, entries: list[dict]) -> dict:
     counts, skipped = mf.aggregate(entries, cfg.seq_length)
     shards = [
-        {"prefix": e["name"], "records": e["records"], **{k: e["stats"][k] for k in ("packs", "images", "patches")}}
+        {"prefix": e["name"], "records": e["records"], **{k: e["stats"][k] for k in SHARD_ENTRY_COUNTS}}
         | {"files": e["files"]}
         for e in entries
         if e["files"]
@@ -414,16 +405,7 @@ def make_manifest(cfg: BuildConfig, tok: SoloTokenizer, sources: list[dict], key
             "path": str(cfg.tokenizer),
             "sha256": tok.checksum,
             "vocab_size": tok.vocab_size,
-            "token_ids": {
-                "bos": tok.bos_id,
-                "eos": tok.eos_id,
-                "pad": tok.pad_id,
-                "vision": tok.vision_id,
-                "vpatch": tok.vpatch_id,
-                "row_sep": tok.row_sep_id,
-                "vision_end": tok.vision_end_id,
-                "first_special": tok.first_special_id,
-            },
+            "token_ids": TokenIds.from_tokenizer(tok).as_dict(),
         },
         "build": build_opts | {"build_key": key},
         "shard_parts": list(SHARD_PARTS),

@@ -1,7 +1,8 @@
 """``inspect DIR --pack I --out pack.png``: draw one pack the way the model sees it.
 
 Top: every token of the pack as a cell, coloured by kind (text, BOS/EOS, vision special, patch, pad), with document
-boundaries as black bars. Below: the documents in order, text decoded and each image rebuilt from its patches
+boundaries as black bars and a dot on every loss target (``Pack.targets``: what the trainer's loss sees). Below: the
+documents in order, text decoded (targets in colour, the rest grey) and each image rebuilt from its patches
 (``unpatchify``), i.e. exactly the pixels stored in the shard.
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from megatron_solo.data.shards import ShardSet
-from megatron_solo.format.layout import unpatchify
+from megatron_solo.format.layout import PATCH_SIZE, unpatchify
 
 KIND_COLOURS = {
     "text": (70, 130, 220),
@@ -24,6 +25,7 @@ KIND_COLOURS = {
     "patch": (215, 45, 45),
     "pad": (205, 205, 205),
 }
+CONTEXT_TEXT = (150, 150, 150)  # decoded text that is not a loss target
 WIDTH = 1280
 CELL = 8
 MAX_DOCS = 40
@@ -33,21 +35,23 @@ MAX_IMAGE_SIDE = 384
 def _token_kinds(tokens: np.ndarray, n_real: int, ids) -> np.ndarray:
     kinds = np.zeros(len(tokens), dtype=np.int8)  # 0 text
     kinds[(tokens == ids.bos) | (tokens == ids.eos)] = 1
-    kinds[np.isin(tokens, [ids.vision, ids.row_sep, ids.vision_end])] = 2
+    kinds[np.isin(tokens, ids.layout_ids)] = 2  # <vpatch> (3) overrides below
     kinds[tokens == ids.vpatch] = 3
     kinds[n_real:] = 4
     return kinds
 
 
-def _segments(tokens: np.ndarray, patches: np.ndarray, ids, p0: int) -> tuple[list, int]:
-    """[("text", ids) | ("image", uint8[H, W, 3])] of one document; returns them and the next patch row."""
+def _segments(tokens: np.ndarray, targets: np.ndarray, patches: np.ndarray, ids, p0: int) -> tuple[list, int]:
+    """[("text", (ids, is_target)) | ("image", uint8[H, W, 3])] of one document (a text run ends where the target
+    flag changes); returns them and the next patch row."""
     segs, run, i = [], [], 0
+    run_target = False
     while i < len(tokens):
         t = int(tokens[i])
+        if run and (t == ids.vision or bool(targets[i]) != run_target):
+            segs.append(("text", (run, run_target)))
+            run = []
         if t == ids.vision:
-            if run:
-                segs.append(("text", run))
-                run = []
             j = i + 1
             while j < len(tokens) and tokens[j] != ids.vision_end:
                 j += 1
@@ -61,10 +65,11 @@ def _segments(tokens: np.ndarray, patches: np.ndarray, ids, p0: int) -> tuple[li
             i = j + 1
         else:
             if t not in (ids.bos, ids.eos):
+                run_target = bool(targets[i]) if not run else run_target
                 run.append(t)
             i += 1
     if run:
-        segs.append(("text", run))
+        segs.append(("text", (run, run_target)))
     return segs, p0
 
 
@@ -88,16 +93,21 @@ def render_pack(directory: str | os.PathLike, pack: int, out: str | os.PathLike,
 
     blocks = []  # (kind, payload, height)
     p0 = 0
+    targets = np.asarray(p.targets)
     for d in range(len(cu) - 1):
-        segs, p0 = _segments(tokens[cu[d] : cu[d + 1]], p.patches, ids, p0)
+        a, b = cu[d], cu[d + 1]
+        segs, p0 = _segments(tokens[a:b], targets[a:b], p.patches, ids, p0)
         if d >= MAX_DOCS:
             continue
-        blocks.append(("head", f"document {d}: tokens {cu[d]}:{cu[d + 1]} ({cu[d + 1] - cu[d]})", 16))
+        n_t = int(targets[a:b].sum())
+        blocks.append(("head", f"document {d}: tokens {a}:{b} ({b - a}, {n_t} targets)", 16))
         for kind, payload in segs:
             if kind == "text":
-                text = tok.decode(payload) if tok else " ".join(map(str, payload))
-                lines = textwrap.wrap(text, 200)[:6] or [""]
-                blocks.append(("text", lines, 12 * len(lines) + 4))
+                run, is_target = payload
+                text = tok.decode(run) if tok else " ".join(map(str, run))
+                lines = textwrap.wrap(("" if is_target else "[not a target] ") + text, 200)[:6] or [""]
+                colour = KIND_COLOURS["text"] if is_target else CONTEXT_TEXT
+                blocks.append(("text", (lines, colour), 12 * len(lines) + 4))
             else:
                 img = Image.fromarray(payload, "RGB")
                 scale = min(1.0, MAX_IMAGE_SIDE / max(img.size))
@@ -114,7 +124,7 @@ def render_pack(directory: str | os.PathLike, pack: int, out: str | os.PathLike,
     n_img = int((tokens == ids.vision).sum())
     title = (
         f"{Path(directory).name} pack {pack}: {len(tokens)} slots, {n_real} real tokens ({n_real / len(tokens):.1%}),"
-        f" {len(cu) - 1} documents, {n_img} images, {len(p.patches)} patches"
+        f" {len(cu) - 1} documents, {n_img} images, {len(p.patches)} patches, {int(targets.sum())} loss targets"
     )
     draw.text((10, 10), title, fill=(0, 0, 0), font=font)
     x = 10
@@ -122,12 +132,16 @@ def render_pack(directory: str | os.PathLike, pack: int, out: str | os.PathLike,
         draw.rectangle((x, 32, x + 10, 42), fill=colour)
         draw.text((x + 14, 31), name, fill=(0, 0, 0), font=font)
         x += 24 + 7 * len(name)
+    draw.rectangle((x + 4, 36, x + 5, 37), fill=0)
+    draw.text((x + 14, 31), "loss target", fill=(0, 0, 0), font=font)
     y0 = 40 + legend_h
     colours = list(KIND_COLOURS.values())
     for t in range(len(tokens)):
         r, c = divmod(t, per_row)
         x, y = 10 + c * CELL, y0 + r * CELL
         draw.rectangle((x, y, x + CELL - 2, y + CELL - 2), fill=colours[kinds[t]])
+        if targets[t]:
+            draw.rectangle((x + CELL // 2 - 2, y + CELL // 2 - 2, x + CELL // 2 - 1, y + CELL // 2 - 1), fill=0)
     for b in cu[:-1]:
         r, c = divmod(int(b), per_row)
         draw.rectangle((10 + c * CELL - 2, y0 + r * CELL, 10 + c * CELL - 1, y0 + r * CELL + CELL - 1), fill=0)
@@ -136,13 +150,14 @@ def render_pack(directory: str | os.PathLike, pack: int, out: str | os.PathLike,
         if kind == "head":
             draw.text((10, y + 2), payload, fill=(0, 0, 0), font=font)
         elif kind == "text":
-            for k, line in enumerate(payload):
-                draw.text((24, y + 12 * k), line, fill=KIND_COLOURS["text"], font=font)
+            lines, colour = payload
+            for k, line in enumerate(lines):
+                draw.text((24, y + 12 * k), line, fill=colour, font=font)
         else:
             img, shape = payload
             draw.text(
                 (24, y),
-                f"image {shape[1]}x{shape[0]} px ({shape[0] // 32}x{shape[1] // 32} patches)",
+                f"image {shape[1]}x{shape[0]} px ({shape[0] // PATCH_SIZE}x{shape[1] // PATCH_SIZE} patches)",
                 fill=KIND_COLOURS["patch"],
                 font=font,
             )

@@ -10,27 +10,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from megatron_solo import _C
-from megatron_solo.data.shards import MANIFEST_NAME, shard_files
+from megatron_solo.format.schema import (  # noqa: F401 (MANIFEST_FORMAT, MANIFEST_VERSION: as build.py names them)
+    COUNT_KEYS,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    shard_files,
+)
 
-MANIFEST_FORMAT = "solo-shard-set"
-MANIFEST_VERSION = 1
 PROGRESS_NAME = "progress.json"
 SAMPLE_IDS = 20  # offending record ids kept per skip reason
 EXAMPLES = 3  # (record id, error message) kept per skip reason
-
-COUNT_KEYS = (
-    "packs",
-    "documents",
-    "images",
-    "patches",
-    "tokens_total",
-    "tokens_text",
-    "tokens_vision",
-    "pad_tokens",
-    "slots",
-    "text_docs_split",
-)
-
 
 CHECKSUMS = ("xxh64", "sha256")  # --checksum choices; the first is the default
 
@@ -68,7 +58,7 @@ def _matches(path: Path, want: str) -> bool:
 
 
 def shard_checksums(out_dir: Path, name: str, algo: str = CHECKSUMS[0]) -> dict[str, str]:
-    """Checksums of the shard's seven files read back from disk, keyed by file name (relative to the shard-set
+    """Checksums of the shard's files read back from disk, keyed by file name (relative to the shard-set
     directory). The build takes the same digests from ``ShardBuilder.finish()["files"]`` (hashed while writing)."""
     return {Path(f).name: file_checksum(f, algo) for f in shard_files(out_dir / name)}
 
@@ -133,6 +123,7 @@ def aggregate(shards: Iterable[dict], seq_length: int) -> tuple[dict, dict]:
     counts["fill"] = round(total / counts["slots"], 6) if counts["slots"] else 0.0
     counts["text_fraction"] = round(counts["tokens_text"] / total, 6) if total else 0.0
     counts["vision_fraction"] = round(counts["tokens_vision"] / total, 6) if total else 0.0
+    counts["target_fraction"] = round(counts["tokens_target"] / total, 6) if total else 0.0
     skipped = {
         "total": sum(by_reason.values()),
         "by_reason": dict(sorted(by_reason.items())),

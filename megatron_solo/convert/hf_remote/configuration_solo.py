@@ -1,9 +1,11 @@
-"""HF configuration of a SOLO model: Mistral's configuration plus the vision fields (copied into exported HF dirs)."""
+"""HF configuration of a SOLO model: Mistral's configuration plus the vision fields (copied into exported HF dirs).
+
+The vision fields have no defaults of their own: an exported config.json carries the values the model was trained
+with (written by megatron_solo.convert.export_hf from the shard schema and the tokenizer), so no SOLO constant is
+spelled out here.
+"""
 
 from transformers import MistralConfig
-
-# The released SOLO token order; ids are those of the SOLO-extended SentencePiece model shipped next to this file.
-VISION_TOKEN_NAMES = ("vision", "vpatch", "row_sep", "frame_sep", "vision_end")
 
 
 class SoloConfig(MistralConfig):
@@ -18,20 +20,20 @@ class SoloConfig(MistralConfig):
 
     def __init__(
         self,
-        patch_size: int = 32,
-        patch_dim: int = 3072,
+        patch_size: int | None = None,
+        patch_dim: int | None = None,
         vision_token_ids: dict | None = None,
         first_special_id: int | None = None,
-        pixel_mean: list | tuple = (0.485, 0.456, 0.406),
-        pixel_std: list | tuple = (0.229, 0.224, 0.225),
+        pixel_mean: list | tuple | None = None,
+        pixel_std: list | tuple | None = None,
         **kwargs,
     ):
-        self.patch_size = int(patch_size)
-        self.patch_dim = int(patch_dim)
+        self.patch_size = None if patch_size is None else int(patch_size)
+        self.patch_dim = None if patch_dim is None else int(patch_dim)
         self.vision_token_ids = dict(vision_token_ids or {})
         self.first_special_id = first_special_id
-        self.pixel_mean = [float(x) for x in pixel_mean]
-        self.pixel_std = [float(x) for x in pixel_std]
+        self.pixel_mean = None if pixel_mean is None else [float(x) for x in pixel_mean]
+        self.pixel_std = None if pixel_std is None else [float(x) for x in pixel_std]
         super().__init__(**kwargs)
 
     @property

@@ -1,4 +1,4 @@
-"""HF SOLO model: MistralForCausalLM + a 3072 -> hidden patch projector added to the ``<vpatch>`` word embeddings.
+"""HF SOLO model: MistralForCausalLM + a patch_dim -> hidden patch projector added to the ``<vpatch>`` word embeddings.
 
 Copied into exported HF dirs (``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``). The math is
 that of megatron_solo's SoloModel: patches (uint8, channel-first 32x32x3) are normalised on the device
@@ -17,6 +17,12 @@ class SoloForCausalLM(MistralForCausalLM):
     config_class = SoloConfig
 
     def __init__(self, config: SoloConfig):
+        missing = [k for k in ("patch_dim", "pixel_mean", "pixel_std") if getattr(config, k, None) is None]
+        if missing or "vpatch" not in config.vision_token_ids:
+            raise ValueError(
+                f"SoloConfig lacks {missing or ['vision_token_ids.vpatch']}: a SOLO config.json is written by "
+                "megatron_solo.convert.export_hf, which records the vision fields the model was trained with"
+            )
         super().__init__(config)
         self.vision_projector = nn.Linear(config.patch_dim, config.hidden_size, bias=False)
         channels = len(config.pixel_mean)

@@ -41,7 +41,8 @@ def _solo_format():
 
 class SoloProcessor:
     """``processor(text=..., images=...)`` -> dict of ``input_ids`` [B, T], ``attention_mask`` [B, T] (left padded)
-    and ``patches`` uint8 [P, 3072] (all patches of the batch, in the flattened order of the ``<vpatch>`` tokens).
+    and ``patches`` uint8 [P, patch_dim] (all patches of the batch, in the flattened order of the ``<vpatch>``
+    tokens).
 
     ``default_template``: the chat template ``apply_chat_template`` uses when given none (``solo_chat_template`` in
     an exported config.json: the template the model was instruction-tuned with), else ``plain``."""
@@ -54,13 +55,7 @@ class SoloProcessor:
             raise ValueError(f"unknown chat template {self.default_template!r}; one of {self._chat.TEMPLATES}")
         self.tokenizer = solo_tokens.SoloTokenizer(tokenizer_file)
         if vision_token_ids:
-            ours = {
-                "vision": self.tokenizer.vision_id,
-                "vpatch": self.tokenizer.vpatch_id,
-                "row_sep": self.tokenizer.row_sep_id,
-                "frame_sep": self.tokenizer.frame_sep_id,
-                "vision_end": self.tokenizer.vision_end_id,
-            }
+            ours = self.tokenizer.vision_token_ids()
             wrong = {k: (v, ours.get(k)) for k, v in vision_token_ids.items() if ours.get(k) != v}
             if wrong:
                 raise ValueError(f"{tokenizer_file}: vision token ids disagree with the model config: {wrong}")
@@ -203,7 +198,7 @@ class SoloProcessor:
         input_ids = [[pad] * (width - len(ids)) + ids for ids, _, _ in encoded]
         mask = [[0] * (width - len(ids)) + [1] * len(ids) for ids, _, _ in encoded]
         all_patches = [p for _, _, ps in encoded for p in ps]
-        patches = np.concatenate(all_patches) if all_patches else np.zeros((0, 3072), np.uint8)
+        patches = np.concatenate(all_patches) if all_patches else np.zeros((0, self._layout.PATCH_DIM), np.uint8)
         out = {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "attention_mask": torch.tensor(mask, dtype=torch.long),
