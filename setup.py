@@ -38,6 +38,7 @@ setup(
         "pybind11>=2.10",
         "tqdm",
         "zstandard",
+        "pyarrow>=14",  # parquet / arrow / datasets.save_to_disk sources (read in record batches)
         "protobuf",  # sentencepiece_model_pb2: extending the tokenizer's ModelProto
     ],
     extras_require={
@@ -47,7 +48,9 @@ setup(
         # lmms-eval is NOT an extra: its declared dependencies break a CPU-torch env (docs/evaluation.md);
         # scripts/install_lmms_eval.sh installs it.
         "eval": [*DEMO_EXTRAS, "pycocoevalcap"],
-        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash", "pycocoevalcap", "wandb"],  # xxhash: ref. for XXH64
+        # xxhash: the reference for our XXH64; datasets / webdataset: they write the source formats the tests read
+        # wandb: the offline-run test of --wandb-project
+        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash", "pycocoevalcap", "datasets", "webdataset", "wandb"],
         "wandb": ["wandb"],  # --wandb-project (Weights & Biases logging)
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -353,7 +353,9 @@ def write_corrupt(d: Path) -> tuple[list[str], dict[str, int]]:
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_corrupt_corpus_exact_skip_counts(tok_path, tok, tmp_path):
     specs, expected = write_corrupt(tmp_path)
-    man = build(cfg_for(tmp_path / "out", specs, tok_path, tmp_path, workers=2, class_names=None))
+    man = build(
+        cfg_for(tmp_path / "out", specs, tok_path, tmp_path, workers=2, class_names=None, max_skip_fraction=1.0)
+    )
     sk = man["skipped"]
     assert sk["by_reason"] == expected and sk["total"] == sum(expected.values())
     assert sk["samples"]["bad_base64"] == [f"{tmp_path / 'chat.jsonl'}:4"]

@@ -1,8 +1,13 @@
 """``build``: raw corpora -> a shard set (``manifest.json`` + shards read by ``ShardSet``).
 
 Pipeline: the parent enumerates raw records (``sources``), N worker processes turn chunks of them into documents
-(``worker``: Pillow decode + resize, SentencePiece), and the parent feeds the results, in input order whatever N is,
-to one ``megatron_solo._C.ShardBuilder`` per shard.
+(``worker``: the source's parser, Pillow decode + resize, SentencePiece), and the parent feeds the results, in input
+order whatever N is, to one ``megatron_solo._C.ShardBuilder`` per shard.
+
+Four named stages (``build`` calls them in order): :func:`plan_build` (options checked, sources opened, the build
+key, what a resume keeps), :func:`pack_shards` (records -> workers -> ``shard_groups.ShardGroups``),
+:func:`write_manifest`, and :func:`check_build` (``report.problems``: a build that yields nothing, or skips too much,
+fails).
 
 Shards and resume: the record stream is cut into shard groups deterministically: a group closes once its documents
 hold ``shard_size_packs * seq_length`` tokens (so a shard has about that many packs). Each group is packed by a fresh
@@ -22,13 +27,11 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
-
-import numpy as np
 
 from megatron_solo import _C
 from megatron_solo.format.image import DEFAULT_MAX_PIXELS
@@ -36,19 +39,27 @@ from megatron_solo.format.schema import MANIFEST_NAME, SHARD_ENTRY_COUNTS, SHARD
 from megatron_solo.format.tokens import SoloTokenizer
 from megatron_solo.preprocess import handoff
 from megatron_solo.preprocess import manifest as mf
-from megatron_solo.preprocess.sources import SourceSpec, iter_records, read_class_names
+from megatron_solo.preprocess.report import (
+    DEFAULT_MAX_SKIP_FRACTION,
+    BuildError,
+    BuildFailed,
+    merge_tallies,
+    problems,
+    source_report,
+    summary,
+)
+from megatron_solo.preprocess.shard_groups import ShardGroups
+from megatron_solo.preprocess.sources import Source, iter_records, make_sources
 from megatron_solo.preprocess.worker import Result, WorkerConfig, init_worker, process_chunk
+
+__all__ = ["BuildConfig", "BuildError", "BuildFailed", "build", "summary"]
 
 KILL_AT_RECORD_ENV = "SOLO_PREPROCESS_KILL_AT_RECORD"  # test hook: SIGKILL the build before adding record R
 
 
-class BuildError(RuntimeError):
-    """The build cannot start or continue (bad options, an output directory holding another build)."""
-
-
 @dataclass
 class BuildConfig:
-    sources: list[str]
+    sources: list[str]  # --source specs, KIND:PATH[,PATH...][,key=value...]
     tokenizer: str
     out: str
     seq_length: int = 32768
@@ -57,43 +68,32 @@ class BuildConfig:
     seed: int = 1234
     fast_decode: bool = False
     long_text: str = "split"
-    class_names: str | None = None
+    class_names: str | None = None  # build-wide defaults of the sources' options (a spec's own value wins)
+    image_root: str | None = None
+    template: str | None = None
+    loss_on: str | None = None
+    max_skip_fraction: float = DEFAULT_MAX_SKIP_FRACTION
+    fail_fast_records: int = 1000  # stop once a source's first this-many records are all skipped
     buffer_docs: int = 4096
     max_pixels: int = DEFAULT_MAX_PIXELS
     chunk_size: int = 32
     checksum: str = mf.CHECKSUMS[0]  # per-file checksum algorithm ("xxh64" or "sha256")
     quiet: bool = False
 
-
-def _source_files(specs: list[SourceSpec]) -> list[dict]:
-    out = []
-    for s in specs:
-        files = []
-        for p in s.paths:
-            if os.path.isdir(p):
-                files.append({"path": p, "type": "dir"})
-            else:
-                files.append({"path": p, "bytes": os.path.getsize(p)})
-        out.append({"spec": str(s), "kind": s.kind, "files": files})
-    return out
+    def source_defaults(self) -> dict[str, str | None]:
+        return {"class-names": self.class_names, "image-root": self.image_root, "template": self.template,
+                "loss-on": self.loss_on}  # fmt: skip
 
 
-def _build_key(cfg: BuildConfig, tok: SoloTokenizer, sources: list[dict]) -> str:
-    """Everything the output depends on (not the worker count): a re-run resumes only if this matches."""
-    class_names = mf.sha256_file(cfg.class_names) if cfg.class_names else None
-    ident = {
-        "sources": sources,
-        "tokenizer_sha256": tok.checksum,
-        "seq_length": cfg.seq_length,
-        "shard_size_packs": cfg.shard_size_packs,
-        "seed": cfg.seed,
-        "fast_decode": cfg.fast_decode,
-        "long_text": cfg.long_text,
-        "class_names": class_names,
-        "buffer_docs": cfg.buffer_docs,
-        "max_pixels": cfg.max_pixels,
-        "checksum": cfg.checksum,
-    }
+NOT_IN_KEY = ("out", "workers", "quiet", "chunk_size", "sources", "tokenizer", "max_skip_fraction",
+              "fail_fast_records", "class_names", "image_root", "template", "loss_on")  # fmt: skip
+
+
+def _build_key(cfg: BuildConfig, tok: SoloTokenizer, identity: list[dict]) -> str:
+    """Everything the output depends on (not the worker count): a re-run resumes only if this matches. The
+    build-wide source defaults enter through each source's resolved options."""
+    ident = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
+    ident |= {"sources": identity, "tokenizer_sha256": tok.checksum}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -132,53 +132,6 @@ def _ordered_results(
         while pending:
             idx, fut = pending.popleft()
             yield from zip(idx, fut.result())
-
-
-def _arrays(items: list) -> list[np.ndarray]:
-    """The document's arrays, with handed-off images mapped from their tmpfs files."""
-    return [handoff.load(it) if handoff.is_token(it) else it for it in items]
-
-
-def _count_skip(group: dict, reason: str, record_id: str, detail: str = "") -> None:
-    group["skipped"][reason] = group["skipped"].get(reason, 0) + 1
-    sample = group["sample"].setdefault(reason, [])
-    if len(sample) < mf.SAMPLE_IDS:
-        sample.append(record_id)
-    examples = group["examples"].setdefault(reason, [])
-    if detail and len(examples) < mf.EXAMPLES:
-        examples.append({"id": record_id, "error": detail})
-
-
-def _finish_shard(out: Path, group: dict, end: int) -> dict:
-    """Finish one shard group's builder (GIL released); returns its progress entry. The file checksums come from
-    the builder, which hashes the bytes as it writes them (the same digests that ``mf.verify_checksums`` reads back)."""
-    b, name = group["builder"], group["name"]
-    if group["docs"]:
-        stats = b.finish()
-        for rid, reason in stats.pop("rejected"):
-            _count_skip(group, reason, rid)
-    else:
-        b.abort()
-        stats = {"packs": 0}
-    if stats["packs"] == 0:  # every record of the group skipped/rejected: counts only, no files
-        for f in out.glob(f"{name}.*"):
-            f.unlink()
-        files = {}
-    else:
-        files = stats.pop("files")
-    return {
-        "name": name,
-        "records": [group["first"], end],
-        "stats": {k: stats.get(k, 0) for k in mf.COUNT_KEYS} | {"input_documents": group["docs"]},
-        "skipped": dict(sorted(group["skipped"].items())),
-        "skipped_sample": dict(sorted(group["sample"].items())),
-        "skipped_examples": dict(sorted(group["examples"].items())),
-        "files": files,
-    }
-
-
-def _shard_name(k: int) -> str:
-    return f"shard_{k:05d}"
 
 
 def _remove_unlisted(out: Path, keep: set[str]) -> None:
@@ -247,12 +200,14 @@ class _Progress:
             self.bar.close()
 
 
-def build(cfg: BuildConfig) -> dict:
-    """Build (or resume) the shard set ``cfg.out``; returns the manifest dict (also written to manifest.json)."""
+# --- stage 1: the plan -------------------------------------------------------------------------------------------
 
-    def log(msg: str) -> None:  # resume decisions: printed in quiet mode too
-        print(msg, file=sys.stderr)
 
+def _log(msg: str) -> None:  # resume decisions and failures: printed in quiet mode too
+    print(msg, file=sys.stderr)
+
+
+def _check_options(cfg: BuildConfig) -> None:
     if cfg.long_text not in ("split", "drop"):
         raise BuildError(f"--long-text must be 'split' or 'drop', got {cfg.long_text!r}")
     if cfg.seq_length < 64:
@@ -261,139 +216,134 @@ def build(cfg: BuildConfig) -> dict:
         raise BuildError("--shard-size-packs must be >= 1")
     if cfg.checksum not in mf.CHECKSUMS:
         raise BuildError(f"--checksum must be one of {', '.join(mf.CHECKSUMS)}, got {cfg.checksum!r}")
-    specs = [SourceSpec.parse(s) for s in cfg.sources]
-    if not specs:
+    if not 0.0 <= cfg.max_skip_fraction <= 1.0:
+        raise BuildError(f"--max-skip-fraction must be in [0, 1], got {cfg.max_skip_fraction}")
+    if not cfg.sources:
         raise BuildError("no --source given")
+
+
+@dataclass
+class BuildPlan:
+    """Everything decided before the first record is read."""
+
+    cfg: BuildConfig
+    tok: SoloTokenizer
+    sources: list[Source]
+    identity: list[dict]  # per source: kind, resolved options, files (the build key's and manifest's view)
+    key: str
+    out: Path
+    kept: list[dict]  # progress entries of the verified shards a resume keeps
+    done: dict | None = None  # the manifest, when the output already holds this complete build
+
+    @property
+    def start(self) -> int:
+        return self.kept[-1]["records"][1] if self.kept else 0
+
+
+def plan_build(cfg: BuildConfig) -> BuildPlan:
+    """Check the options, open the sources (their files must exist, their options fit), compute the build key and
+    decide what a resume keeps (deleting every shard file it does not)."""
+    _check_options(cfg)
+    sources = make_sources(cfg.sources, cfg.source_defaults(), cfg.seed)
     tok = SoloTokenizer(cfg.tokenizer)
-    class_names = read_class_names(cfg.class_names)
-    sources = _source_files(specs)
-    key = _build_key(cfg, tok, sources)
+    identity = [s.identity() for s in sources]
+    key = _build_key(cfg, tok, identity)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-
+    plan = BuildPlan(cfg, tok, sources, identity, key, out, kept=[])
     existing = mf.load_json(out / MANIFEST_NAME)
     if existing is not None:
         if existing.get("build", {}).get("build_key") != key:
             raise BuildError(f"{out} already holds a different shard set (manifest.json); use a new --out directory")
-        log(f"{out}: already complete (manifest.json present with the same build key); nothing to do")
-        return existing
+        _log(f"{out}: already complete (manifest.json present with the same build key); nothing to do")
+        plan.done = existing
+        return plan
+    plan.kept = _keep_verified(out, mf.load_json(out / mf.PROGRESS_NAME), key, _log)
+    _remove_unlisted(out, {e["name"] for e in plan.kept})
+    return plan
 
-    kept = _keep_verified(out, mf.load_json(out / mf.PROGRESS_NAME), key, log)
-    _remove_unlisted(out, {e["name"] for e in kept})
-    start = kept[-1]["records"][1] if kept else 0
-    progress = {"build_key": key, "shards": list(kept)}
 
-    token_ids = TokenIds.from_tokenizer(tok).as_dict()
-    target_tokens = cfg.shard_size_packs * cfg.seq_length
+# --- stage 2: packing shard groups (shard_groups.py) ---------------------------------------------------------------
+
+
+def pack_shards(plan: BuildPlan) -> list[dict]:
+    """Stage 2: the records after the kept ones -> workers -> shard groups; returns every shard's progress entry."""
+    cfg = plan.cfg
     kill_at = int(os.environ.get(KILL_AT_RECORD_ENV, "-1"))
     handoff_dir = handoff.default_dir() if cfg.workers > 0 else ""
     handoff.remove_stale(handoff_dir)
-    wcfg = WorkerConfig(str(cfg.tokenizer), cfg.fast_decode, cfg.max_pixels, handoff_dir, os.getpid())
-    records = islice(enumerate(iter_records(specs, class_names, cfg.seed)), start, None)
-    bar = _Progress(cfg.quiet, start)
-
-    state: dict = {}
-    next_shard = len(kept)
-    # Shards are finished (flush, fsync, rename, checksums) by one background thread while the next one is packed;
-    # progress.json lists a shard only once that is done, always in shard order.
-    closer = ThreadPoolExecutor(1, thread_name_prefix="shard-closer")
-    closing: deque[Future] = deque()
-
-    def commit(block: bool, keep: int = 0) -> None:
-        while len(closing) > keep and (block or closing[0].done()):
-            entry = closing.popleft().result()
-            progress["shards"].append(entry)
-            mf.write_json_atomic(out / mf.PROGRESS_NAME, progress)
-            if entry["stats"]["packs"]:
-                bar.fill = entry["stats"]["tokens_total"] / entry["stats"]["slots"]
-            bar.write(
-                f"{entry['name']}: {entry['stats']['packs']} packs, records {entry['records'][0]}:{entry['records'][1]}"
-            )
-
-    def open_group(first: int) -> None:
-        nonlocal next_shard
-        name = _shard_name(next_shard)
-        next_shard += 1
-        state.update(
-            name=name,
-            first=first,
-            tokens=0,
-            docs=0,
-            skipped={},
-            sample={},
-            examples={},
-            builder=_C.ShardBuilder(
-                str(out / name),
-                cfg.seq_length,
-                buffer_docs=cfg.buffer_docs,
-                long_text=cfg.long_text,
-                checksum=cfg.checksum,
-                token_ids=token_ids,
-            ),
-        )
-
-    def close_group(end: int) -> None:
-        group = dict(state)
-        state.clear()
-        commit(block=True, keep=1)  # at most two shards in memory: the one closing and the one being filled
-        closing.append(closer.submit(_finish_shard, out, group, end))
-
-    last = start
+    wcfg = WorkerConfig(str(cfg.tokenizer), plan.sources, cfg.fast_decode, cfg.max_pixels, handoff_dir, os.getpid())
+    records = islice(enumerate(iter_records(plan.sources)), plan.start, None)
+    bar = _Progress(cfg.quiet, plan.start)
+    groups = ShardGroups(plan, bar)
+    last = plan.start
     results = _ordered_results(records, cfg, wcfg)
     try:
         for idx, res in results:
             if idx == kill_at:  # test hook: die mid-shard, after the shards before it are committed
-                commit(block=True)
+                groups.commit(block=True)
                 print(f"{KILL_AT_RECORD_ENV}: build pid {os.getpid()} kills itself at record {idx}", file=sys.stderr)
                 sys.stderr.flush()
                 os.kill(os.getpid(), signal.SIGKILL)
-            if "builder" not in state:
-                open_group(idx)
-            if res.reason is not None:
-                _count_skip(state, res.reason, res.record_id, res.detail)
-            else:
-                # Queued for the builder's intake thread, which copies the patches, packs, and frees the slots.
-                state["builder"].add_document(res.record_id, _arrays(res.items), release=handoff.busy_flags(res.items))
-                state["docs"] += 1
-                state["tokens"] += res.n_tokens
+            groups.add(idx, res)
             bar.update(res)
             last = idx + 1
-            if state["tokens"] >= target_tokens:
-                close_group(last)
-            elif closing:
-                commit(block=False)
-        if "builder" in state:
-            close_group(last)
-        commit(block=True)
+        if groups.group is not None:
+            groups.close(last)
+        groups.commit(block=True)
     except BaseException:
-        if "builder" in state:
-            state["builder"].abort()
+        groups.abort()
         raise
     finally:
         results.close()  # stops the worker pool (waits for chunks in flight) before their handoff files are removed
-        closer.shutdown(wait=True)
+        groups.shutdown()
         bar.close()
         handoff.forget_maps()
         handoff.remove_own(handoff_dir, os.getpid())
         _C.release_buffers()
+    return groups.progress["shards"]
 
-    manifest = make_manifest(cfg, tok, sources, key, progress["shards"])
-    mf.write_json_atomic(out / MANIFEST_NAME, manifest)
-    (out / mf.PROGRESS_NAME).unlink(missing_ok=True)
+
+# --- stages 3 and 4: manifest, checks ----------------------------------------------------------------------------
+
+
+def write_manifest(plan: BuildPlan, entries: list[dict]) -> dict:
+    manifest = make_manifest(plan, entries)
+    mf.write_json_atomic(plan.out / MANIFEST_NAME, manifest)
+    (plan.out / mf.PROGRESS_NAME).unlink(missing_ok=True)
     return manifest
 
 
-def make_manifest(cfg: BuildConfig, tok: SoloTokenizer, sources: list[dict], key: str, entries: list[dict]) -> dict:
+def check_build(manifest: dict, cfg: BuildConfig) -> None:
+    """Stage 4: raise ``BuildFailed`` when the result must not pass as a success (``report.problems``)."""
+    found = problems(manifest, cfg.max_skip_fraction)
+    if found:
+        where = Path(cfg.out) / MANIFEST_NAME
+        raise BuildFailed("\n".join(found) + f"\n(the shards and every count are in {where})", manifest)
+
+
+def build(cfg: BuildConfig) -> dict:
+    """Build (or resume) the shard set ``cfg.out``; returns the manifest dict (also written to manifest.json).
+    Raises ``BuildFailed`` (after writing the manifest) when a source yields nothing or skips too much."""
+    plan = plan_build(cfg)
+    manifest = plan.done if plan.done is not None else write_manifest(plan, pack_shards(plan))
+    check_build(manifest, cfg)
+    return manifest
+
+
+def make_manifest(plan: BuildPlan, entries: list[dict]) -> dict:
+    cfg, tok = plan.cfg, plan.tok
     counts, skipped = mf.aggregate(entries, cfg.seq_length)
+    tallies = merge_tallies(entries, len(plan.sources))
+    sources = [source_report(ident, t) for ident, t in zip(plan.identity, tallies)]
+    skipped["dropped_images"] = sum(s["dropped_images"]["total"] for s in sources)
     shards = [
         {"prefix": e["name"], "records": e["records"], **{k: e["stats"][k] for k in SHARD_ENTRY_COUNTS}}
         | {"files": e["files"]}
         for e in entries
         if e["files"]
     ]
-    build_opts = asdict(cfg)
-    for k in ("out", "workers", "quiet", "chunk_size", "sources", "tokenizer"):
-        build_opts.pop(k)
+    build_opts = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
     return {
         "format": mf.MANIFEST_FORMAT,
         "format_version": mf.MANIFEST_VERSION,
@@ -407,22 +357,7 @@ def make_manifest(cfg: BuildConfig, tok: SoloTokenizer, sources: list[dict], key
             "vocab_size": tok.vocab_size,
             "token_ids": TokenIds.from_tokenizer(tok).as_dict(),
         },
-        "build": build_opts | {"build_key": key},
+        "build": build_opts | {"build_key": plan.key},
         "shard_parts": list(SHARD_PARTS),
         "shards": shards,
     }
-
-
-def summary(manifest: dict) -> str:
-    """A few human lines: packs, images, text/vision tokens, fill, skipped."""
-    c, s = manifest["counts"], manifest["skipped"]
-    lines = [
-        f"packs {c['packs']:,} x {manifest['seq_length']} tokens in {len(manifest['shards'])} shard(s); "
-        f"documents {c['documents']:,} from {c['input_records']:,} records; images {c['images']:,} "
-        f"({c['patches']:,} patches)",
-        f"tokens {c['tokens_total']:,}: text {c['tokens_text']:,} ({c['text_fraction']:.1%}), vision "
-        f"{c['tokens_vision']:,} ({c['vision_fraction']:.1%}); fill {c['fill']:.4f}",
-    ]
-    if s["total"]:
-        lines.append(f"skipped {s['total']:,}: " + ", ".join(f"{k} {v}" for k, v in s["by_reason"].items()))
-    return "\n".join(lines)

@@ -8,6 +8,10 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from megatron_solo.format.chat_template import LOSS_POLICIES, TEMPLATES
+from megatron_solo.preprocess.report import DEFAULT_MAX_SKIP_FRACTION
+from megatron_solo.preprocess.sources import group_words, kinds
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.preprocess", description=__doc__)
@@ -17,10 +21,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--source",
         action="append",
+        nargs="+",
         required=True,
-        metavar="KIND:PATH[,PATH...]",
-        help="KIND: chat (chat-style JSONL), text ({'text': ...} JSONL), imagefolder (ROOT/<class>/<img>), wds "
-        "(WebDataset tars); .gz/.zst accepted. Repeatable; records are read in the order given",
+        metavar="KIND:SPEC",
+        help="KIND:PATH[,PATH...][,key=value...]. KIND: " + ", ".join(kinds()) + ". PATHs: files, directories, globs, "
+        "{00000..00099} ranges; options per kind (template=plain|mistral, loss-on=text|assistant|last, image-root=DIR, "
+        "column mappings: docs/preprocess.md). Repeatable; records are read in the order given",
     )
     b.add_argument("--tokenizer", required=True, help="SOLO-extended SentencePiece tokenizer.model")
     b.add_argument("--out", required=True, help="output shard-set directory")
@@ -35,7 +41,21 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=1234, help="shuffles imagefolder records (default 1234)")
     b.add_argument("--fast-decode", action="store_true", help="JPEG draft decoding before the exact resize (opt-in)")
     b.add_argument("--long-text", choices=("split", "drop"), default="split", help="text longer than a pack")
-    b.add_argument("--class-names", help="imagefolder: 'class_dir name' per line or a JSON object")
+    b.add_argument(
+        "--class-names",
+        help="imagefolder: 'class_dir name' lines, a JSON object, or torchvision's imagenet_class_index.json "
+        "(default of every imagefolder source's class-names=)",
+    )
+    b.add_argument("--image-root", help="default image-root= of the sources that have one (llava, chat, parquet, ...)")
+    b.add_argument("--template", choices=TEMPLATES, help="default template= of every conversational source")
+    b.add_argument("--loss-on", choices=LOSS_POLICIES, help="default loss-on= of every conversational source")
+    b.add_argument(
+        "--max-skip-fraction",
+        type=float,
+        default=DEFAULT_MAX_SKIP_FRACTION,
+        help=f"fail the build when a source skips more than this fraction of its records (default "
+        f"{DEFAULT_MAX_SKIP_FRACTION}); a source with 0 documents always fails it",
+    )
     b.add_argument("--buffer-docs", type=int, default=4096, help="packer best-fit buffer (documents)")
     b.add_argument(
         "--checksum",
@@ -73,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # megatron-core's import chain (IndexedDataset) warns about optional GPU packages; irrelevant to shards.
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     from megatron_solo.format.tokens import TokenizerError
-    from megatron_solo.preprocess.build import BuildError
+    from megatron_solo.preprocess.build import BuildError, BuildFailed
     from megatron_solo.preprocess.sources import SourceError
 
     try:
@@ -81,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from megatron_solo.preprocess.build import BuildConfig, build, summary
 
             cfg = BuildConfig(
-                sources=args.source,
+                sources=[spec for words in args.source for spec in group_words(words)],
                 tokenizer=args.tokenizer,
                 out=args.out,
                 seq_length=args.seq_length,
@@ -91,11 +111,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 fast_decode=args.fast_decode,
                 long_text=args.long_text,
                 class_names=args.class_names,
+                image_root=args.image_root,
+                template=args.template,
+                loss_on=args.loss_on,
+                max_skip_fraction=args.max_skip_fraction,
                 buffer_docs=args.buffer_docs,
                 checksum=args.checksum,
                 quiet=args.quiet,
             )
-            print(summary(build(cfg)))
+            manifest_path = os.path.join(args.out, "manifest.json")
+            try:
+                print(summary(build(cfg), manifest_path))
+            except BuildFailed as e:
+                print(summary(e.manifest, manifest_path))
+                for line in str(e).splitlines():
+                    print(f"error: {line}", file=sys.stderr)
+                return 1
             return 0
         if args.cmd == "validate":
             from megatron_solo.preprocess.validate import validate
