@@ -2,9 +2,10 @@
 schedules, and every resume / setup mismatch stopping with ONE message under real torchrun + gloo.
 
 One 1-process run makes a distributed-optimizer checkpoint with ``--train-samples`` (debug model, GBS 4, 2 steps);
-the error launches (2 processes each, run a few at a time) resume it with one thing changed and must exit non-zero
-with the one message printed exactly once and no traceback from our code; one launch shows what just works
-(another DP size, ``--override-opt-param-scheduler``, ``--exit-duration-in-mins``).
+the error launches (2 processes each, run a few at a time) resume it with one thing changed (one starts fresh: the
+interleaved pipeline schedule's micro-batch rule) and must exit non-zero with the one message printed exactly once
+and no traceback from our code; one launch shows what just works (another DP size,
+``--override-opt-param-scheduler``, ``--exit-duration-in-mins``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def ckpt(tmp_path_factory):
     return {"tmp": tmp, "data": data, "out": out, "resume": [*base, "--load", str(tmp / "ck")]}
 
 
+_FRESH_VPP = [
+    "--train-samples", "9", "--load", "/nonexistent/fresh-run", "--num-layers", "4", "--global-batch-size", "3",
+    "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+]  # fmt: skip
+
 # (name, flags changed on resume, the one message that must appear)
 CASES = [
     ("model_recipe", ["--train-samples", "8", "--model", "tiny"], "--model tiny does not match"),
@@ -55,6 +61,17 @@ CASES = [
     ("data_path", ["--train-samples", "8", "--data-path", "/nonexistent/set"], "--data-path: /nonexistent/set is not"),
     ("layout", ["--train-samples", "9", "--global-batch-size", "3"], "not divisible by --micro-batch-size 1 x"),
     ("fp16_cpu", ["--train-samples", "8", "--fp16"], "--fp16 needs a GPU"),
+    ("pp_world", ["--train-samples", "8", "--pipeline-model-parallel-size", "4"], "world size 2 is not divisible by"),
+    (
+        "pp_layers",  # the checkpoint's 2 layers over PP 2 x 2 layers per virtual stage
+        ["--train-samples", "8", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2"],
+        "2 layers do not split evenly over PP 2 x --num-layers-per-virtual-pipeline-stage 2",
+    ),
+    (
+        "vpp_microbatches",  # a fresh 4-layer run, 2 virtual stages per rank, 3 micro-batches over PP 2
+        _FRESH_VPP,
+        "needs the micro-batches per step (3 = GBS 3 / (MBS 1 x DP 1)) to be a multiple of PP 2",
+    ),
 ]
 
 
@@ -63,12 +80,10 @@ def _flags(resume: list[str], change: list[str]) -> list[str]:
     if "--use-distributed-optimizer=0" in change:
         flags.remove("--use-distributed-optimizer")
         change = [c for c in change if c != "--use-distributed-optimizer=0"]
-    if "--data-path" in change:  # replace the value, not append a second path
-        i = flags.index("--data-path")
-        del flags[i : i + 2]
-    if "--global-batch-size" in change:
-        i = flags.index("--global-batch-size")
-        del flags[i : i + 2]
+    for flag in ("--data-path", "--global-batch-size", "--load"):  # replace the value, not append a second one
+        if flag in change:
+            i = flags.index(flag)
+            del flags[i : i + 2]
     return [*flags, *change]
 
 

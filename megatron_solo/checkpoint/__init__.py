@@ -17,10 +17,18 @@ from megatron_solo.checkpoint.layout import (
     config_to_json,
     find_checkpoint,
     iter_dir_name,
+    model_part_names,
     open_checkpoint,
 )
 from megatron_solo.checkpoint.start import RunStart, resolve_start
-from megatron_solo.checkpoint.store import KILL_IN_SAVE_ITER, load, load_model_weights, save, save_model
+from megatron_solo.checkpoint.store import (
+    KILL_IN_SAVE_ITER,
+    load,
+    load_model_weights,
+    save,
+    save_model,
+    sharded_model_state,
+)
 
 __all__ = [
     "CHAT_TEMPLATE_KEY",
@@ -38,8 +46,10 @@ __all__ = [
     "iter_dir_name",
     "load",
     "load_model_weights",
+    "model_part_names",
     "open_checkpoint",
     "resolve_start",
     "save",
     "save_model",
+    "sharded_model_state",
 ]

@@ -5,11 +5,17 @@ Layout (docs/architecture.md, "Checkpoints")::
     <root>/latest_checkpointed_iteration.txt    Megatron-LM's tracker: the last COMPLETE iteration (written last)
     <root>/tokenizer.model                      the SOLO-extended SentencePiece model
     <root>/iter_0000100/                        dist_checkpointing (torch_dist): {"model": ..., [trainer keys]}
+                                                ("model0", "model1", .. when saved with virtual pipeline stages)
     <root>/iter_0000100/solo_config.json        architecture (model/config.py ``config_to_dict``) + TP, padded
                                                 vocab and dtype of the saved weights (information only)
     <root>/iter_0000100/tokenizer.model         copy (an iteration dir is self-describing)
     <root>/iter_0000100/trainer_state.json      trainer checkpoints only: iteration, samples, layout, optimizer kind
     <root>/iter_0000100/rng/rank_00000.pt       trainer checkpoints only: per-rank RNG states
+
+Model part names (``model_part_names``): ``"model"`` for one model chunk per rank, ``"model0".."modelN"`` for the
+chunks of virtual pipeline stages (Megatron-LM's names). Every tensor key inside is global (layer indices included:
+TransformerBlock applies the stage's layer offset), so the files are the same at any TP / PP / VPP / DP and a
+reader asking for ``"model"`` of a one-chunk model finds every key of any save.
 
 An HF import is iteration 0 without trainer state. Atomic commit: every rank writes into ``iter_XXXXXXX.tmp``;
 rank 0 adds the JSON files and renames it once complete, then replaces the tracker (each step a rename), so a crash
@@ -46,6 +52,11 @@ class CheckpointNotFound(FileNotFoundError):
 
 class CheckpointError(ValueError):
     """The path is a SOLO checkpoint but a part of it is missing or unreadable; the message names the file."""
+
+
+def model_part_names(chunks: int) -> list[str]:
+    """The state-dict keys of a model saved as ``chunks`` chunks per rank (see the module docstring)."""
+    return ["model"] if chunks == 1 else [f"model{k}" for k in range(chunks)]
 
 
 def iter_dir_name(iteration: int) -> str:

@@ -19,6 +19,7 @@ from megatron_solo.checkpoint.layout import (
     begin_iteration_dir,
     commit_iteration_dir,
     iteration_dirs,
+    model_part_names,
 )
 
 KILL_IN_SAVE_ITER = "SOLO_TEST_KILL_IN_SAVE_ITER"
@@ -66,14 +67,25 @@ def save(
     return final
 
 
+def _chunks(model) -> list:
+    return list(model) if isinstance(model, list | tuple) else [model]
+
+
+def sharded_model_state(model) -> dict:
+    """The model part of a save / load request: ``{"model": sd}`` for one module, ``{"model0": .., ..}`` for a list
+    of pipeline chunks (``layout.model_part_names``). ``model``: a SoloModel or a list of them (not DDP-wrapped)."""
+    chunks = _chunks(model)
+    return {name: c.sharded_state_dict() for name, c in zip(model_part_names(len(chunks)), chunks, strict=True)}
+
+
 def save_model(model, config, root: str | os.PathLike, iteration: int = 0, tokenizer_model=None) -> Path:
-    """Collective: a weights-only checkpoint (``{"model": model.sharded_state_dict()}``), e.g. an HF import."""
-    return save(root, iteration, {"model": model.sharded_state_dict()}, config, tokenizer_model)
+    """Collective: a weights-only checkpoint (:func:`sharded_model_state`), e.g. an HF import."""
+    return save(root, iteration, sharded_model_state(model), config, tokenizer_model)
 
 
 def load(checkpoint: Checkpoint, request: dict, strict=None) -> dict:
     """Collective: ``dist_checkpointing.load`` of the sharded ``request`` from ``checkpoint`` (resharded to the
-    caller's TP / DP layout)."""
+    caller's TP / PP / DP layout)."""
     from megatron.core import dist_checkpointing
 
     kwargs = {} if strict is None else {"strict": strict}
@@ -81,13 +93,16 @@ def load(checkpoint: Checkpoint, request: dict, strict=None) -> dict:
 
 
 def load_model_weights(model, checkpoint: Checkpoint) -> None:
-    """Collective: the weights of ``model`` (any TP) from a checkpoint saved at any TP/DP.
+    """Collective: the weights of ``model`` (any TP; a list = this rank's pipeline chunks) from a checkpoint saved
+    at any TP / PP / VPP / DP.
 
     Only the model's own keys are requested, so a trainer checkpoint's optimizer / scheduler / trainer state is
     never read. ``RAISE_UNEXPECTED``: a model key absent from the checkpoint is an error naming it (a wrong
-    architecture); keys of the checkpoint the model does not ask for are fine.
+    architecture); keys of the checkpoint the model does not ask for (other stages' layers) are fine.
     """
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    state = load(checkpoint, {"model": model.sharded_state_dict()}, strict=StrictHandling.RAISE_UNEXPECTED)
-    model.load_state_dict(state["model"], strict=True)
+    request = sharded_model_state(model)
+    state = load(checkpoint, request, strict=StrictHandling.RAISE_UNEXPECTED)
+    for chunk, name in zip(_chunks(model), request, strict=True):
+        chunk.load_state_dict(state[name], strict=True)

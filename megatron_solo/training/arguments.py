@@ -30,6 +30,7 @@ class ParallelArgs:
     overlap_param_gather: bool = False
     pipeline_model_parallel_size: int = 1
     num_layers_per_virtual_pipeline_stage: int | None = None
+    """Interleaved 1F1B: each pipeline rank holds num_layers / (PP x this) model chunks (Megatron-LM)."""
 
 
 @dataclass
@@ -106,6 +107,8 @@ class ModelArgs:
     recompute_granularity: str | None = None
     recompute_method: str | None = None
     recompute_num_layers: int | None = None
+    language_model_type: str = "gpt"
+    """gpt | hybrid | auto: megatron-core's GPTModel or HybridModel under the projector (model/hybrid.py)."""
 
 
 @dataclass
@@ -168,6 +171,11 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None, help="activation recompute")
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None, help="with full recompute")
     g.add_argument("--recompute-num-layers", type=int, default=None, help="layers per recompute group (full)")
+    g.add_argument(
+        "--language-model-type", choices=["gpt", "hybrid", "auto"], default="gpt",
+        help="megatron-core language model under the projector (ours): GPTModel, HybridModel (attention + MLP "
+        "layers; megatron-core >= 0.19) or auto (hybrid where available); same math and checkpoints",
+    )  # fmt: skip
     g.add_argument("--bf16", action="store_true", help="bf16 params/compute (the default on GPU)")
     g.add_argument("--fp16", action="store_true", help="fp16 params/compute with a loss scaler (GPU only)")
     g.add_argument("--fp32", action="store_true", help="force fp32, also on GPU (the default on CPU)")
@@ -453,7 +461,14 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
             wandb_exp_name=a.wandb_exp_name,
             wandb_save_dir=a.wandb_save_dir,
         ),
-        model=ModelArgs(a.model_recipe, overrides, a.recompute_granularity, a.recompute_method, a.recompute_num_layers),
+        model=ModelArgs(
+            model_recipe=a.model_recipe,
+            overrides=overrides,
+            recompute_granularity=a.recompute_granularity,
+            recompute_method=a.recompute_method,
+            recompute_num_layers=a.recompute_num_layers,
+            language_model_type=a.language_model_type,
+        ),
         bf16=bf16,
         fp16=fp16,
     )
@@ -487,7 +502,8 @@ def check_against_checkpoint(args: RunArgs, arch: dict, where: str) -> None:
         from megatron_solo.model import config_to_dict, recipe
 
         ids = {k: arch[k] for k in ("vocab_size", "vpatch_id", "first_special_id") if k in arch}
-        want = config_to_dict(recipe(args.model.model_recipe, **ids))
+        # the recipe as the flags modify it (`--model debug --num-layers 4` names a 4-layer checkpoint's shapes)
+        want = config_to_dict(recipe(args.model.model_recipe, **ids, **args.model.overrides))
         diff = {k: (want.get(k), arch.get(k)) for k in SHAPE_FIELDS if _norm(want.get(k)) != _norm(arch.get(k))}
         if diff:
             rows = ", ".join(f"{k} {r} vs {c}" for k, (r, c) in diff.items())
@@ -498,12 +514,19 @@ def check_against_checkpoint(args: RunArgs, arch: dict, where: str) -> None:
 
 
 def model_config(
-    args: RunArgs, vocab_size: int, seq_length: int, special_ids: tuple[int, int], arch: dict | None = None
+    args: RunArgs,
+    vocab_size: int,
+    seq_length: int,
+    special_ids: tuple[int, int],
+    arch: dict | None = None,
+    virtual_stages: int | None = None,
 ):
     """The run's SoloConfig: recipe (or a checkpoint's architecture ``arch``) + flag overrides + the run's layout.
 
     ``seq_length`` is the data's pack length (RoPE tables cover at least it); ``special_ids`` the tokenizer's
     ``(vpatch_id, first_special_id)``. Call :func:`check_against_checkpoint` first when ``arch`` is given.
+    ``virtual_stages``: model chunks per pipeline rank (> 1: the interleaved schedule); the layer count it is
+    derived from is the config's own, so training/plan.py builds once without, validates the layout, and again.
 
     ``calculate_per_token_loss`` is on: the loss is the token-weighted mean over the whole global batch.
     """
@@ -513,13 +536,21 @@ def model_config(
     fields.update(
         vocab_size=vocab_size,
         tensor_model_parallel_size=args.parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.parallel.pipeline_model_parallel_size,
         sequence_parallel=args.parallel.sequence_parallel,
         calculate_per_token_loss=True,
         bf16=args.bf16,
         fp16=args.fp16,
         params_dtype=args.params_dtype,
         pipeline_dtype=args.params_dtype,
+        language_model_type=args.model.language_model_type,
     )
+    if virtual_stages is not None and virtual_stages > 1:
+        # Megatron-LM's interleaved defaults: overlapped, unbatched P2P. The batched path (batch_isend_irecv) posts
+        # send-to-prev before send-to-next; at PP=2 both peers are the same rank, and a backend that matches one
+        # peer's messages in posting order (gloo) then swaps activations and gradients of equal shape: silently
+        # wrong losses.
+        fields.update(virtual_pipeline_model_parallel_size=virtual_stages, overlap_p2p_comm=True, batch_p2p_comm=False)
     if args.model.recompute_granularity is not None:
         fields["recompute_granularity"] = args.model.recompute_granularity
         if args.model.recompute_granularity == "full":

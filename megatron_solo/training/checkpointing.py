@@ -3,12 +3,13 @@
 The layout, the atomic commit, the one save and where a run starts belong to ``megatron_solo.checkpoint``; this
 module builds the trainer's sharded state dict and restores it::
 
-    {"model": model.sharded_state_dict(),      same keys as an HF import (export_hf / generate read them)
-     "optimizer": ...,                         distributed optimizer: 'fully_reshardable' (any TP/DP on load)
+    {"model": model.sharded_state_dict(),      same keys as an HF import (export_hf / generate read them);
+                                               "model0", "model1", .. per virtual pipeline chunk (global keys)
+     "optimizer": ...,                         distributed optimizer: 'fully_reshardable' (any TP/PP/DP on load)
      "opt_param_scheduler": ..., "trainer": {"iteration", "consumed_samples"}}
     + trainer_state.json (iteration, samples, world layout, optimizer kind) + rng/rank_XXXXX.pt per global rank
 
-RNG states are restored only when the world layout is unchanged.
+RNG states are restored only when the world layout (world size, TP, PP, virtual stages) is unchanged.
 
 megatron-core 0.16 (torch Adam, no Apex/TE): the distributed optimizer's default 'fully_sharded_model_space' format
 fails to save, so 'fully_reshardable' is used; loading needs a primed optimizer state (``step`` present) and a
@@ -80,14 +81,18 @@ def unshare_adam_steps(optimizer) -> None:
                 st["step"] = st["step"].detach().clone()
 
 
-def _sharded_state(ddp, optimizer, scheduler, state: TrainState | None, with_optim: bool, loading: bool) -> dict:
-    model = ddp.module
-    sd: dict = {"model": model.sharded_state_dict()}
+def _modules(model) -> list:
+    """The unwrapped SoloModel chunks of a DDP module or a list of them (one per virtual pipeline stage)."""
+    return [getattr(c, "module", c) for c in (model if isinstance(model, list | tuple) else [model])]
+
+
+def _sharded_state(model, optimizer, scheduler, state: TrainState | None, with_optim: bool, loading: bool) -> dict:
+    sd: dict = checkpoint.sharded_model_state(_modules(model))
     if with_optim:
         if loading:
             prime_optimizer_state(optimizer)
         meta = DISTOPT_FORMAT if is_distributed(optimizer) else None
-        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=loading, metadata=meta)
+        sd["optimizer"] = optimizer.sharded_state_dict(dict(sd), is_loading=loading, metadata=meta)
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if state is not None:
         sd["trainer"] = {"iteration": state.iteration, "consumed_samples": state.consumed_samples}
@@ -123,7 +128,8 @@ def save_checkpoint(
     save_dir, state: TrainState, ddp, optimizer, scheduler, config, tokenizer_model=None, layout: dict | None = None,
     save_optim: bool = True,
 ) -> Path:  # fmt: skip
-    """Collective: the trainer's checkpoint of iteration ``state.iteration`` through ``checkpoint.save``."""
+    """Collective: the trainer's checkpoint of iteration ``state.iteration`` through ``checkpoint.save``. ``ddp``:
+    the DDP model, or the list of its pipeline chunks."""
     meta = {
         "iteration": state.iteration,
         "consumed_samples": state.consumed_samples,
@@ -137,9 +143,9 @@ def save_checkpoint(
 
 
 def load_weights(ddp, optimizer, ckpt: Checkpoint) -> None:
-    """Collective: model weights only (any TP/DP of the saved run; an HF import or a trainer checkpoint), copied
+    """Collective: model weights only (any TP/PP/DP of the saved run; an HF import or a trainer checkpoint), copied
     into the optimizer's main params too; the optimizer state and schedule stay fresh."""
-    checkpoint.load_model_weights(ddp.module, ckpt)
+    checkpoint.load_model_weights(_modules(ddp), ckpt)
     optimizer.reload_model_params()
 
 
@@ -155,7 +161,8 @@ def load_checkpoint(
 ) -> TrainState:
     """Collective: resume a trainer checkpoint (weights, optimizer, schedule, iteration, consumed samples, RNG).
 
-    Works at another TP / DP than the save (model and 'fully_reshardable' optimizer state are resharded).
+    Works at another TP / PP / DP than the save (model and 'fully_reshardable' optimizer state are resharded:
+    every key is global, layer indices included).
     """
     from megatron.core import parallel_state as ps
 
@@ -165,7 +172,9 @@ def load_checkpoint(
         platform.patch_distopt_state_copy()
     request = _sharded_state(ddp, optimizer, scheduler, None, with_optim, loading=True)
     loaded = checkpoint.load(ckpt, request)
-    _load_model_state(ddp.module, loaded["model"])
+    modules = _modules(ddp)
+    for module, name in zip(modules, checkpoint.model_part_names(len(modules)), strict=True):
+        _load_model_state(module, loaded[name])
     if with_optim:
         optimizer.load_state_dict(loaded["optimizer"])
         unshare_adam_steps(optimizer)
@@ -178,6 +187,7 @@ def load_checkpoint(
         meta.get("world_size") == dist.get_world_size()
         and meta.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size()
         and meta.get("pipeline_model_parallel_size", 1) == ps.get_pipeline_model_parallel_world_size()
+        and meta.get("virtual_pipeline_model_parallel_size") == ps.get_virtual_pipeline_model_parallel_world_size()
     )
     if load_rng and same_layout and rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -4,7 +4,9 @@
 stops here with ONE :class:`SetupError` (rank 0 prints it; errors.py) instead of a traceback from every rank deep
 inside megatron-core. Checked here: the checkpoint the run starts from (``megatron_solo.checkpoint.resolve_start``),
 flags vs its architecture and ``--model``, optimizer kind and schedule vs a resumed checkpoint, the data paths,
-tokenizer vs shards, and the world layout (TP x PP x DP, batch sizes).
+tokenizer vs shards, and the world layout (TP x PP x DP, batch sizes, layers over pipeline / virtual stages, the
+interleaved schedule's micro-batch rule). The plan's config carries the virtual-stage count the process groups
+are then built with.
 """
 
 from __future__ import annotations
@@ -101,8 +103,9 @@ def _tokenizer_matches(path: str, train_data) -> object:
     return tokenizer
 
 
-def _layout(args: RunArgs, config) -> tuple[int, int]:
-    """(world size, DP size) from torchrun's WORLD_SIZE; the divisibility rules of Megatron-LM."""
+def _layout(args: RunArgs, num_layers: int) -> tuple[int, int, int | None]:
+    """(world size, DP size, virtual stages per pipeline rank or None) from torchrun's WORLD_SIZE and the flags;
+    Megatron-LM's divisibility rules, checked before any process group exists."""
     p, t = args.parallel, args.train
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
@@ -117,13 +120,37 @@ def _layout(args: RunArgs, config) -> tuple[int, int]:
             f"--global-batch-size {t.global_batch_size} is not divisible by --micro-batch-size {t.micro_batch_size}"
             f" x data-parallel size {dp} (= world {world} / (TP {tp} x PP {pp}))"
         )
-    layers, chunk = config.num_layers, p.num_layers_per_virtual_pipeline_stage
-    if layers % (pp * (chunk or 1)):
+    chunk = p.num_layers_per_virtual_pipeline_stage
+    if num_layers % (pp * (chunk or 1)):
         what = f"PP {pp} x --num-layers-per-virtual-pipeline-stage {chunk}" if chunk else f"PP {pp}"
-        raise SetupError(f"{layers} layers do not split evenly over {what}")
-    if pp > 1:  # the pipeline schedule lands with the pipeline-parallel model (issue 15, item 1)
-        raise SetupError("--pipeline-model-parallel-size > 1 is not available in this build yet: use 1")
-    return world, dp
+        raise SetupError(f"{num_layers} layers do not split evenly over {what}: choose sizes that divide them")
+    vpp = num_layers // (pp * chunk) if chunk else None
+    if vpp is None or vpp == 1:  # one chunk per rank: the plain 1F1B schedule
+        return world, dp, None
+    micro = t.global_batch_size // (t.micro_batch_size * dp)
+    if micro % pp:  # megatron-core's interleaved schedule runs the micro-batches in groups of PP
+        raise SetupError(
+            f"the interleaved pipeline schedule ({vpp} virtual stages per rank) needs the micro-batches per step "
+            f"({micro} = GBS {t.global_batch_size} / (MBS {t.micro_batch_size} x DP {dp})) to be a multiple of "
+            f"PP {pp}: change --global-batch-size, or drop --num-layers-per-virtual-pipeline-stage"
+        )
+    return world, dp, vpp
+
+
+def _config_and_layout(args: RunArgs, tokenizer, seq_length: int, arch: dict | None) -> tuple[object, int, int]:
+    """(SoloConfig, world size, DP size). The virtual-stage count follows from the layer count, so the config is
+    built once without virtual stages, the layout checked against its layers, then built with them."""
+    special = (tokenizer.vpatch_id, tokenizer.first_special_id)
+
+    def build(virtual_stages: int | None):
+        try:
+            return model_config(args, tokenizer.vocab_size, seq_length, special, arch, virtual_stages)
+        except (TypeError, ValueError) as e:
+            raise SetupError(f"invalid model / parallel configuration: {e}") from None
+
+    config = build(None)
+    world, dp, vpp = _layout(args, config.num_layers)
+    return (config if vpp is None else build(vpp)), world, dp
 
 
 def _check_resume(args: RunArgs, ckpt: checkpoint.Checkpoint) -> None:
@@ -183,12 +210,7 @@ def plan_run(args: RunArgs) -> RunPlan:
     arch = start.architecture
     if arch is not None:
         check_against_checkpoint(args, arch, str(start.checkpoint.it_dir))
-    special = (tokenizer.vpatch_id, tokenizer.first_special_id)
-    try:
-        config = model_config(args, tokenizer.vocab_size, seq_length, special, arch=arch)
-    except (TypeError, ValueError) as e:
-        raise SetupError(f"invalid model / parallel configuration: {e}") from None
-    world, dp = _layout(args, config)
+    config, world, dp = _config_and_layout(args, tokenizer, seq_length, arch)
     from megatron_solo.training.optimizer import checked_schedule
 
     checked_schedule(args.optim, args.sched, args.train)
