@@ -90,9 +90,7 @@ class GreedyGenerator:
         cursors = [p.patches_before(vpatch) for p in prompts]
 
         def patches(start: int, end: int) -> torch.Tensor:  # row-major, as SoloModel.embed wants them
-            rows = [
-                p.patches[c[min(start, len(p.ids))] : c[min(end, len(p.ids))]] for p, c in zip(prompts, cursors)
-            ]
+            rows = [p.patches[c[min(start, len(p.ids))] : c[min(end, len(p.ids))]] for p, c in zip(prompts, cursors)]
             return torch.from_numpy(np.concatenate(rows)).to(device)
 
         sequence_parallel = self.solo.config.sequence_parallel

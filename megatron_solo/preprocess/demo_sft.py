@@ -1,4 +1,4 @@
-"""The bundled SFT demo's data: questions and answers about the demo's shape pictures (megatron_solo/preprocess/demo.py).
+"""The bundled SFT demo's data: questions and answers about the demo's shape pictures (preprocess/demo.py).
 
 ``write`` generates, deterministically,
 
@@ -24,7 +24,12 @@ from pathlib import Path
 
 from megatron_solo.preprocess.demo import BACKGROUNDS, COLOURS, SHAPES, SIZES, _shape_image
 
-ATTRIBUTES = {"colour": sorted(COLOURS), "shape": list(SHAPES), "size": sorted(SIZES), "background": sorted(BACKGROUNDS)}
+ATTRIBUTES = {
+    "colour": sorted(COLOURS),
+    "shape": list(SHAPES),
+    "size": sorted(SIZES),
+    "background": sorted(BACKGROUNDS),
+}
 # Phrasings: the first list is trained on, the second only asked at evaluation (held-out phrasings).
 QUESTIONS = {
     "colour": (

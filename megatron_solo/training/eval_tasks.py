@@ -7,9 +7,10 @@ answers it in process (eval/inprocess.py: greedy, KV cache, every TP rank, the i
 the run's chat template, so the score is the one ``megatron_solo.evaluate`` gives the exported checkpoint of the
 same step.
 
-The schedule is a pure function of the iteration (every ``--eval-tasks-interval`` steps, and at the end of a run
-that stops between two), so a resumed run scores at the same steps as an uninterrupted one. Task files are read at
-setup (``load_eval_tasks``, before process groups): a missing file or a bad record stops the run there, once.
+The schedule is a pure function of the iteration (``tasks_due``: iteration 0, every ``--eval-tasks-interval``
+steps, and the last iteration of the run), so a resumed run scores at the same steps as an uninterrupted one; a
+run stopped early (``--exit-interval``, SIGTERM) adds no extra score at the iteration it stopped at. Task files are
+read at setup (``load_eval_tasks``, before process groups): a missing file or a bad record stops the run there, once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from __future__ import annotations
 import time
 
 from megatron_solo.training.errors import SetupError
+
+
+def tasks_due(iteration: int, interval: int, train_iters: int) -> bool:
+    """Whether the tasks are scored after ``iteration`` steps (0: the starting weights)."""
+    return interval > 0 and (iteration % interval == 0 or iteration == train_iters)
 
 
 def load_eval_tasks(specs: list[str], samples: int | None) -> list:
@@ -37,7 +43,8 @@ def load_eval_tasks(specs: list[str], samples: int | None) -> list:
 
 
 class TaskEvaluator:
-    """Runs the tasks with the trainer's model; every rank calls :meth:`run` at the same iterations."""
+    """Runs the tasks with the trainer's model (its one chunk: no pipeline stages); every rank calls :meth:`run` at
+    the same iterations."""
 
     def __init__(self, tasks: list, model, tokenizer_model: str, template: str, max_new_tokens: int, batch_size: int):
         from megatron.core import parallel_state as ps
