@@ -61,8 +61,12 @@ class TaskEvaluator:
         parts = []
         start = time.perf_counter()
         for task in self.tasks:
+            tokens_before = self.model_fn.new_tokens
             result = task.run(self.model_fn, batch_size=self.batch_size, progress=False)
             record.update({f"{task.name}/{k}": float(v) for k, v in result.scores.items()})
+            # answer length (EOS included): whether the model learned to answer briefly and stop, beside the score
+            answer_tokens = (self.model_fn.new_tokens - tokens_before) / max(1, len(task.items))
+            record[f"{task.name}/answer_tokens"] = answer_tokens
             parts.append(f"{task.name} {task.primary} {result.scores[task.primary]:.4f} (n {result.scores['n']})")
         seconds = time.perf_counter() - start
         record["eval_tasks_seconds"] = seconds
