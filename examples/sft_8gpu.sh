@@ -17,8 +17,9 @@
 #               (megatron_solo/eval task files): scored every EVAL_INTERVAL steps, next to the loss
 #   EVAL_INTERVAL (default 50), EVAL_SAMPLES (items per task, default 500)
 #   PRECISION   --bf16 (default) | --fp32
-#   GBS         global batch in packs (default 640; a 4096-token pack holds a few conversations: the script prints
-#               how many, so GBS=$((640 / N)) gives SOLO's 640 conversations per step)
+#   TP          tensor-parallel size (default 2); DP = GPUS_PER_NODE x NNODES / TP
+#   GBS         global batch in packs (default 640, SOLO's number, which counted unpacked conversations; a
+#               4096-token pack holds several: the script prints how many (N), GBS=$((640 / N)) is SOLO's step)
 #   NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT   multi-node (see multinode_slurm.sbatch); default one node
 # Extra arguments are appended to pretrain_solo.py's flags (e.g. --train-samples 1280 for a smoke test).
 set -euo pipefail
@@ -30,6 +31,7 @@ GBS="${GBS:-640}"
 SEQ="${SEQ:-4096}"
 EVAL_INTERVAL="${EVAL_INTERVAL:-50}"
 GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
+TP="${TP:-2}"
 NNODES="${NNODES:-1}"
 
 # "One epoch of this mixture": the blend's samples per epoch (packs; data/blend.py), from the shard sets' files.
@@ -50,7 +52,7 @@ echo "[sft] one epoch of the mixture = ${EPOCH_SAMPLES} packs (~${EPOCH_DOCS} co
 
 MODEL_ARGS=("${PRECISION:---bf16}")  # the architecture is INIT's (solo_config.json)
 PARALLEL_ARGS=(
-  --tensor-model-parallel-size 2 --sequence-parallel
+  --tensor-model-parallel-size "$TP" --sequence-parallel
   --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
 )
 # shellcheck disable=SC2206

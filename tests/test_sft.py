@@ -311,3 +311,29 @@ def test_tasks_due_is_a_function_of_the_iteration():
     assert [i for i in range(0, 12) if tasks_due(i, 4, 10)] == [0, 4, 8, 10]
     assert not any(tasks_due(i, 0, 10) for i in range(12))
     assert np.all([tasks_due(i, 1, 3) for i in range(4)])
+
+
+@pytest.mark.dist
+def test_sft_8gpu_script_runs_one_epoch_in_a_tiny_configuration(sft, tiny_solo):
+    """examples/sft_8gpu.sh itself (the recipe's flags: dist-opt with overlap, SP, warm-up fraction, cosine, wd),
+    at 2 processes, fp32, GBS 4: the epoch it computes from the shard files is the one the trainer trains."""
+    import re
+
+    save = sft["tmp"] / "recipe"
+    sizes = {"GPUS_PER_NODE": "2", "TP": "2", "GBS": "4", "SEQ": str(SEQ), "PRECISION": "--fp32"}
+    env = torchrun_env({"INIT": str(tiny_solo.solo), "DATA": str(sft["shards"]), "SAVE": str(save), **sizes})
+    proc = subprocess.run(["bash", "examples/sft_8gpu.sh", "--log-interval", "1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    m = re.search(r"one epoch of the mixture = (\d+) packs .*--train-samples (\d+) = 1 epoch\(s\) at GBS 4: (\d+) steps", out)  # fmt: skip  # noqa: E501
+    assert m, out[-3000:]
+    packs, samples, steps = map(int, m.groups())
+    assert packs == samples and steps == samples // 4 > 0
+    assert f"one epoch is --train-samples {packs})" in out  # the trainer's own count of the blend
+    assert f"iter {steps:>6}/{steps}" in out
+    metrics = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in metrics if r["kind"] == "train"] == list(range(1, steps + 1))
+    from megatron_solo.checkpoint import open_checkpoint
+
+    assert open_checkpoint(save).chat_template == "mistral" and open_checkpoint(save).iteration == steps
