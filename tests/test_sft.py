@@ -315,13 +315,16 @@ def test_tasks_due_is_a_function_of_the_iteration():
 
 @pytest.mark.dist
 def test_sft_8gpu_script_runs_one_epoch_in_a_tiny_configuration(sft, tiny_solo):
-    """examples/sft_8gpu.sh itself (the recipe's flags: dist-opt with overlap, SP, warm-up fraction, cosine, wd),
-    at 2 processes, fp32, GBS 4: the epoch it computes from the shard files is the one the trainer trains."""
+    """examples/sft_8gpu.sh itself (the recipe's flags: dist-opt with overlapped grad reduce / param gather,
+    warm-up fraction, cosine, wd, --eval-tasks), at 2 processes, fp32, GBS 4: the epoch it computes from the shard
+    files is the one the trainer trains."""
     import re
 
     save = sft["tmp"] / "recipe"
-    sizes = {"GPUS_PER_NODE": "2", "TP": "2", "GBS": "4", "SEQ": str(SEQ), "PRECISION": "--fp32"}
-    env = torchrun_env({"INIT": str(tiny_solo.solo), "DATA": str(sft["shards"]), "SAVE": str(save), **sizes})
+    sizes = {"GPUS_PER_NODE": "2", "TP": "1", "GBS": "4", "SEQ": str(SEQ), "PRECISION": "--fp32"}
+    # DP=2 with --overlap-param-gather: the replicas decode their shares (4 and 3 items) without its forward hooks
+    tasks = {"EVAL_TASKS": f"size=vqa:{sft['tmp'] / 'eval' / 'size.jsonl'}", "EVAL_SAMPLES": "7"}
+    env = torchrun_env({"INIT": str(tiny_solo.solo), "DATA": str(sft["shards"]), "SAVE": str(save), **sizes, **tasks})
     proc = subprocess.run(["bash", "examples/sft_8gpu.sh", "--log-interval", "1"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     out = proc.stdout + proc.stderr
@@ -337,3 +340,5 @@ def test_sft_8gpu_script_runs_one_epoch_in_a_tiny_configuration(sft, tiny_solo):
     from megatron_solo.checkpoint import open_checkpoint
 
     assert open_checkpoint(save).chat_template == "mistral" and open_checkpoint(save).iteration == steps
+    scored = [r for r in metrics if r["kind"] == "eval_tasks"]
+    assert [r["iteration"] for r in scored] == [0, steps] and all(r["size/n"] == 7 for r in scored)

@@ -51,7 +51,7 @@ class TaskEvaluator:
 
         from megatron_solo.eval.inprocess import MegatronModelFn
 
-        self.tasks = tasks
+        self.tasks, self.ddp = tasks, model
         self.model_fn = MegatronModelFn(model, tokenizer_model, template, max_new_tokens)
         self.batch_size = batch_size * ps.get_data_parallel_world_size()  # batch_size prompts per DP replica
 
@@ -60,6 +60,22 @@ class TaskEvaluator:
         record: dict = {"iteration": iteration}
         parts = []
         start = time.perf_counter()
+        # With --overlap-param-gather the distributed optimizer's all-gather runs in forward pre-hooks (a DP
+        # collective per forward); DP replicas decode different numbers of steps, so sync now and decode without
+        # them, as Megatron-LM's own evaluation does.
+        hooked = getattr(self.ddp, "use_forward_hook", False)
+        if hooked:
+            self.ddp.disable_forward_pre_hook(param_sync=True)
+        try:
+            self._run_tasks(record, parts)
+        finally:
+            if hooked:
+                self.ddp.enable_forward_pre_hook()
+        seconds = time.perf_counter() - start
+        record["eval_tasks_seconds"] = seconds
+        return record, f"eval tasks at iter {iteration} | " + " | ".join(parts) + f" | {seconds:.1f} s"
+
+    def _run_tasks(self, record: dict, parts: list[str]) -> None:
         for task in self.tasks:
             tokens_before = self.model_fn.new_tokens
             result = task.run(self.model_fn, batch_size=self.batch_size, progress=False)
@@ -68,6 +84,3 @@ class TaskEvaluator:
             answer_tokens = (self.model_fn.new_tokens - tokens_before) / max(1, len(task.items))
             record[f"{task.name}/answer_tokens"] = answer_tokens
             parts.append(f"{task.name} {task.primary} {result.scores[task.primary]:.4f} (n {result.scores['n']})")
-        seconds = time.perf_counter() - start
-        record["eval_tasks_seconds"] = seconds
-        return record, f"eval tasks at iter {iteration} | " + " | ".join(parts) + f" | {seconds:.1f} s"
