@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# SOLO-7B instruction tuning (SOLO paper §3.2.2; the released fine-tuning hyper-parameters) on the pre-training
-# stack, one 8-GPU node: TP=2 x DP=4 with sequence parallelism and the distributed optimizer, bf16, global batch
-# 640, lr 1e-5 with linear warm-up (3% of the steps) then cosine to 0, weight decay 0.1, Adam (0.9, 0.999, 1e-8),
-# grad clip 1.0, ONE epoch of the SFT mixture. Packed with document isolation, loss on assistant turns only (the
-# targets stored in the shards); SOLO's own SFT ran unpacked at micro-batch 1 outside Megatron. Workflow: docs/sft.md.
+# SOLO-7B instruction tuning (SOLO paper §3.2.2; the released fine-tuning hyper-parameters: global batch 640, lr 1e-5
+# with linear warm-up then cosine, weight decay 0.1, one epoch) on the pre-training stack, one 8-GPU node: TP=2 x
+# DP=4 with sequence parallelism and the distributed optimizer, bf16. Ours where SOLO gives no number: warm-up 3% of
+# the steps, cosine to 0, Adam (0.9, 0.999, 1e-8), grad clip 1.0. Packed with document isolation, loss on assistant
+# turns only (the targets stored in the shards); SOLO's own SFT ran unpacked at micro-batch 1 outside Megatron.
+# Workflow: docs/sft.md.
 #
 # Environment:
 #   INIT        pre-training checkpoint (stage 3's SAVE): weights only, fresh optimizer and schedule
@@ -41,14 +42,14 @@ import sys
 from megatron_solo.data.blend import build_blend
 b = build_blend(sys.argv[1:], seed=1234)
 docs = sum(s.manifest["counts"]["documents"] * c / n for s, c, n in zip(b.sets, b.epoch_counts, b.set_sizes))
-print(len(b), int(docs))
+print(len(b), int(docs), f"{docs / max(1, len(b)):.1f}")
 PY
 )
-read -r EPOCH_SAMPLES EPOCH_DOCS <<< "$EPOCH_INFO"
+read -r EPOCH_SAMPLES EPOCH_DOCS DOCS_PER_PACK <<< "$EPOCH_INFO"
 TRAIN_SAMPLES=$(( EPOCH_SAMPLES * EPOCHS ))
-echo "[sft] one epoch of the mixture = ${EPOCH_SAMPLES} packs (~${EPOCH_DOCS} conversations," \
-     "$(( EPOCH_DOCS / (EPOCH_SAMPLES > 0 ? EPOCH_SAMPLES : 1) )) per pack); --train-samples ${TRAIN_SAMPLES}" \
-     "= ${EPOCHS} epoch(s) at GBS ${GBS}: $(( TRAIN_SAMPLES / GBS )) steps"
+echo "[sft] one epoch of the mixture = ${EPOCH_SAMPLES} packs (~${EPOCH_DOCS} conversations, ${DOCS_PER_PACK} per" \
+     "pack); --train-samples ${TRAIN_SAMPLES} = ${EPOCHS} epoch(s) at GBS ${GBS}: $(( TRAIN_SAMPLES / GBS )) steps" \
+     "(Megatron-LM floors: the last $(( TRAIN_SAMPLES % GBS )) packs are not reached)"
 
 MODEL_ARGS=("${PRECISION:---bf16}")  # the architecture is INIT's (solo_config.json)
 PARALLEL_ARGS=(

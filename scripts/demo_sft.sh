@@ -22,7 +22,7 @@ OUT="${OUT:-runs/sft_demo}"
 PRETRAINED="${PRETRAINED:-runs/cpu_demo/checkpoints}"
 TRAIN="${TRAIN:-4000}"  # conversations
 EVAL="${EVAL:-100}"     # held-out pictures (each asked about every attribute)
-ITERS="${ITERS:-300}"
+ITERS="${ITERS:-450}"
 GBS="${GBS:-8}"
 export OMP_NUM_THREADS=1 CUDA_VISIBLE_DEVICES="" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 t0=$(date +%s)
@@ -34,14 +34,19 @@ fi
 TOKENIZER="$PRETRAINED/tokenizer.model"
 mkdir -p "$OUT"
 
-echo "[sft-demo] 1-2. $TRAIN training conversations, $EVAL held-out pictures; SFT shards (mistral, assistant-only loss)"
-python -m megatron_solo.preprocess.demo_sft write --out "$OUT/data" --train "$TRAIN" --eval "$EVAL"
-rm -rf "$OUT/shards"
-python -m tools.preprocess build \
-  --source "llava:$OUT/data/train/llava.json,image-root=$OUT/data/train,template=mistral,loss-on=assistant" \
-  --tokenizer "$TOKENIZER" --out "$OUT/shards" --seq-length 512 --workers 2 --quiet
+DATA="$OUT/data-$TRAIN-$EVAL"  # generated deterministically: reused by a second run with the same sizes
+SHARDS="$DATA/shards"
+if [ ! -f "$SHARDS/manifest.json" ]; then
+  echo "[sft-demo] 1-2. $TRAIN training conversations, $EVAL held-out pictures; SFT shards (mistral, assistant-only loss)"
+  python -m megatron_solo.preprocess.demo_sft write --out "$DATA" --train "$TRAIN" --eval "$EVAL"
+  python -m tools.preprocess build \
+    --source "llava:$DATA/train/llava.json,image-root=$DATA/train,template=mistral,loss-on=assistant" \
+    --tokenizer "$TOKENIZER" --out "$SHARDS" --seq-length 512 --workers 2 --quiet
+else
+  echo "[sft-demo] 1-2. reusing the generated conversations and SFT shards in $DATA"
+fi
 
-E="$OUT/data/eval"
+E="$DATA/eval"
 TASKS=(--task "colour=vqa:$E/colour.jsonl" --task "shape=vqa:$E/shape.jsonl" --task "size=vqa:$E/size.jsonl"
        --task "background=vqa:$E/background.jsonl")
 evaluate() {  # checkpoint, out dir
@@ -54,12 +59,12 @@ evaluate "$PRETRAINED" "$OUT/before"
 echo "[sft-demo] 4. SFT: $ITERS iterations x GBS $GBS from $PRETRAINED (fresh optimizer and schedule)"
 rm -rf "$OUT/checkpoints" "$OUT/metrics.jsonl"
 torchrun --standalone --nproc_per_node 2 pretrain_solo.py \
-  --pretrained-checkpoint "$PRETRAINED" --data-path "$OUT/shards" --use-distributed-optimizer \
+  --pretrained-checkpoint "$PRETRAINED" --data-path "$SHARDS" --use-distributed-optimizer \
   --micro-batch-size 1 --global-batch-size "$GBS" --train-iters "$ITERS" \
   --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 10 --lr-decay-style cosine --weight-decay 0.1 --clip-grad 1.0 \
   --eval-tasks "heldout=vqa:$E/heldout.jsonl" --eval-tasks-interval 100 --eval-tasks-max-new-tokens 8 \
   --log-interval 50 --save "$OUT/checkpoints" --metrics-log "$OUT/metrics.jsonl" \
-  --tensorboard-dir "$OUT/tensorboard" "$@" 2>&1 | grep -v -i "warn"
+  --tensorboard-dir "$OUT/tensorboard" "$@" 2>&1 | grep --line-buffered -v -i "warn"
 
 echo "[sft-demo] 5. held-out accuracy after SFT (pictures and phrasings never trained on)"
 evaluate "$OUT/checkpoints" "$OUT/after"
