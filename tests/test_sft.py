@@ -342,3 +342,20 @@ def test_sft_8gpu_script_runs_one_epoch_in_a_tiny_configuration(sft, tiny_solo):
     assert open_checkpoint(save).chat_template == "mistral" and open_checkpoint(save).iteration == steps
     scored = [r for r in metrics if r["kind"] == "eval_tasks"]
     assert [r["iteration"] for r in scored] == [0, steps] and all(r["size/n"] == 7 for r in scored)
+
+
+def test_demo_report_table_and_held_out_phrasings(tmp_path):
+    """The SFT demo's data: evaluation phrasings never occur in training; the report prints the scores given."""
+    from megatron_solo.preprocess import demo_sft
+
+    records = json.loads(demo_sft.write_train(tmp_path / "train", 30).read_text())
+    asked = {t["value"].replace("<image>", "").strip() for r in records for t in r["conversations"] if t["from"] == "human"}  # fmt: skip  # noqa: E501
+    held_out = {q for _, (_, unseen) in demo_sft.QUESTIONS.items() for q in unseen}
+    assert asked and not asked & held_out
+    before = {"colour": {"normalized_match": 0.0, "n": 10}, "shape": {"normalized_match": 0.25, "n": 10}}
+    after = {"colour": {"normalized_match": 1.0, "n": 10}, "shape": {"normalized_match": 0.9, "n": 10}}
+    for name, scores in (("b", before), ("a", after)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(scores))
+    rows = demo_sft.report(tmp_path / "b.json", tmp_path / "a.json").splitlines()
+    assert rows[1].split() == ["colour", "0.000", "1.000", "0.125", "10"]
+    assert rows[2].split() == ["shape", "0.250", "0.900", "0.333", "10"] and len(rows) == 3

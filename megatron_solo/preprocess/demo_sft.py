@@ -5,7 +5,7 @@
 - ``train/llava.json``: LLaVA-665K-style conversations (``{"id", "image", "conversations": [{"from": "human",
   "value": "<image>\\n..."}, {"from": "gpt", "value": ...}, ...]}``) of 1-3 turns about one picture's colour, shape,
   size and background, in several phrasings, answered with one word; built by the real builder
-  (``--source llava:...,template=mistral,loss-on=assistant``, examples/sft_demo.sh);
+  (``--source llava:...,template=mistral,loss-on=assistant``, scripts/demo_sft.sh);
 - ``eval/{colour,shape,size,background}.jsonl``: VQA task files (``{"id", "image", "question", "answer"}``) on
   pictures drawn with another seed and with phrasings that never occur in training, one file per attribute;
 - ``eval/heldout.jsonl``: a small mixed task for evaluation during training (``--eval-tasks``).
