@@ -4,7 +4,8 @@ From the tiny random SOLO model (tests/tiny_solo.py) as ``--pretrained-checkpoin
 about generated pictures (megatron_solo/preprocess/demo_sft.py) built by the real builder CLI with
 ``template=mistral,loss-on=assistant``:
 
-- ``u``:  TP=2 x DP=1, 6 iterations, ``--eval-tasks`` every 2: the uninterrupted run;
+- ``u``:  TP=2 x DP=1 with sequence parallelism (switched off while decoding), 6 iterations, ``--eval-tasks``
+  every 2: the uninterrupted run;
 - ``i1``/``i2``: the same with ``--load``/``--save`` of one dir, stopped by ``--exit-interval 4`` and resumed
   (``--load`` wins over ``--pretrained-checkpoint``): the task scores must be the same at the same iterations;
 - ``one``: 1 process, ``--pretrained-checkpoint u``, a shard set holding ONE conversation, GBS 1, lr 0: the
@@ -69,7 +70,8 @@ def sft(tiny_solo, tmp_path_factory):
     one = _build(one_src, tok, tmp / "one_shards")
     common = [
         "--pretrained-checkpoint", str(tiny_solo.solo), "--data-path", str(shards),
-        "--tensor-model-parallel-size", "2", "--micro-batch-size", "1", "--global-batch-size", "4",
+        "--tensor-model-parallel-size", "2", "--sequence-parallel", "--micro-batch-size", "1",
+        "--global-batch-size", "4",
         "--train-iters", "6", "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "1", "--weight-decay", "0.1",
         "--seed", "5", "--eval-tasks", f"size=vqa:{tasks['size']}", f"colour=vqa:{tasks['colour']}",
         "--eval-tasks-interval", "2", "--eval-tasks-samples", "8", "--eval-tasks-max-new-tokens", "4",
