@@ -49,7 +49,9 @@ setup(
         # scripts/install_lmms_eval.sh installs it.
         "eval": [*DEMO_EXTRAS, "pycocoevalcap"],
         # xxhash: the reference for our XXH64; datasets / webdataset: they write the source formats the tests read
-        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash", "pycocoevalcap", "datasets", "webdataset"],
+        # wandb: the offline-run test of --wandb-project
+        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash", "pycocoevalcap", "datasets", "webdataset", "wandb"],
+        "wandb": ["wandb"],  # --wandb-project (Weights & Biases logging)
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={

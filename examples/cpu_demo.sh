@@ -30,7 +30,7 @@ torchrun --standalone --nproc_per_node 4 pretrain_solo.py \
   --micro-batch-size 1 --global-batch-size 4 --train-iters "$ITERS" \
   --lr 2e-3 --min-lr 2e-4 --lr-warmup-iters 20 --lr-decay-style cosine \
   --weight-decay 0.1 --clip-grad 1.0 --seed 1234 \
-  --log-interval 10 --eval-interval 100 --eval-iters 2 \
+  --log-interval 10 --log-throughput --eval-interval 100 --eval-iters 2 \
   --save "$OUT/checkpoints" --save-interval 100 \
   --tensorboard-dir "$OUT/tensorboard" --metrics-log "$OUT/metrics.jsonl" \
   "$@"

@@ -14,7 +14,8 @@
 #   SAVE          where this stage writes checkpoints (resumes from it automatically if it holds one)
 #   VISION_FRACTION  optional: target share of vision tokens instead of explicit weights (stage 1: 0.33, 2: 0.54,
 #                 3: 0.38 in the paper's Table 1)
-#   NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT   multi-node (see multinode_slurm.sbatch); default one node
+#   NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT   multi-node torchrun; default one node
+#   SOLO_LAUNCH=srun  one process per srun task, no torchrun (multinode_slurm.sbatch): rank from SLURM_PROCID
 # Extra arguments are appended to pretrain_solo.py's flags (e.g. --train-iters 10 for a smoke test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +40,8 @@ ARGS=(
   --adam-beta1 0.9 --adam-beta2 0.999 --adam-eps 1e-8 --weight-decay 0.1 --clip-grad 1.0
   --data-path $DATA
   --pretrained-checkpoint "$INIT" --load "$SAVE" --save "$SAVE" --save-interval 100
-  --log-interval 1 --tensorboard-dir "$SAVE/tensorboard" --metrics-log "$SAVE/metrics.jsonl"
+  --log-interval 1 --log-throughput --tensorboard-dir "$SAVE/tensorboard" --metrics-log "$SAVE/metrics.jsonl"
+  --exit-signal-handler
   --seed 1234
 )
 if [ -n "${VALID:-}" ]; then
@@ -51,7 +53,11 @@ if [ -n "${VISION_FRACTION:-}" ]; then
 fi
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1
-if [ "$NNODES" -gt 1 ]; then
+if [ "${SOLO_LAUNCH:-}" = "srun" ]; then
+  export RANK="${SLURM_PROCID:?}" WORLD_SIZE="${SLURM_NTASKS:?}" LOCAL_RANK="${SLURM_LOCALID:?}"
+  export MASTER_ADDR="${MASTER_ADDR:?}" MASTER_PORT="${MASTER_PORT:-29500}"
+  exec python pretrain_solo.py "${ARGS[@]}" "$@"
+elif [ "$NNODES" -gt 1 ]; then
   LAUNCH=(torchrun --nnodes "$NNODES" --node-rank "${NODE_RANK:?}" --nproc-per-node "$GPUS_PER_NODE"
           --rdzv-backend c10d --rdzv-endpoint "${MASTER_ADDR:?}:${MASTER_PORT:-29500}" --rdzv-id "solo-stage$STAGE")
 else

@@ -1,7 +1,11 @@
-"""The ONE place where megatron-core's CUDA assumptions are redirected, so it runs on a CPU-only torch with gloo.
+"""The ONE place where megatron-solo changes megatron-core's behaviour (every monkeypatch lives here).
 
-Nothing here runs when CUDA is available: GPU code paths see megatron-core untouched. Each redirect names the
-megatron-core site that needs it (checked on 0.16.1 and 0.19.2):
+1. CPU redirects (``apply_cpu_redirects``): megatron-core's CUDA assumptions, so it runs on a CPU-only torch with
+   gloo. Nothing of this runs when CUDA is available: GPU code paths see megatron-core untouched.
+2. Fixes on every device, applied by the code that needs them (``patch_distopt_state_copy`` before a distributed-
+   optimizer load, ``writer_queue_dies_with_rank`` before a ``dist_checkpointing.save``): see their docstrings.
+
+Each CPU redirect names the megatron-core site that needs it (checked on 0.16.1 and 0.19.2):
 
 - ``current_device``: ``torch.cuda.current_device()`` allocations in TP mappings/layers, the global memory buffer,
   RoPE and DDP grad buffers.
@@ -23,6 +27,9 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import multiprocessing
+import os
+import signal
 import sys
 import types
 
@@ -147,3 +154,66 @@ def apply_cpu_redirects() -> list[str]:
     _redirect_causal_masks()
     _enter_device_mode()
     return list(_APPLIED)
+
+
+# ---- fixes on every device --------------------------------------------------------------------------------------
+_DISTOPT_PATCHED = False
+
+
+def patch_distopt_state_copy() -> None:
+    """megatron-core <= 0.19 with torch Adam (no Apex/TE, GPU too): ``DistributedOptimizer.
+    _set_main_param_and_optimizer_states`` copies every key of the live state, including ``step`` (absent from the
+    loaded tensors: KeyError), and writes into fp32 main params that are views of leaf params outside no_grad.
+    Copy the loaded keys only, under no_grad. Idempotent; the precision-aware optimizer keeps megatron's code."""
+    global _DISTOPT_PATCHED
+    if _DISTOPT_PATCHED:
+        return
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def _set_states(self, model_param, tensors):
+        if getattr(self.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        dst = {"param": main_param, **self.optimizer.state[main_param]}
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key in dst and isinstance(value, torch.Tensor):
+                    dst[key].copy_(value)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = _set_states
+    _DISTOPT_PATCHED = True
+
+
+_WRITER_MANAGERS: list = []  # keeps our Manager alive (its finaliser would shut the queue's server down)
+
+
+def _die_with_parent() -> None:
+    """Manager-server initializer: the kernel SIGKILLs this process when its parent (the rank) dies."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the rank died before prctl took effect
+        os._exit(0)
+
+
+def writer_queue_dies_with_rank() -> None:
+    """Call before ``dist_checkpointing.save``. megatron-core's torch_dist writer (0.16-0.19) keeps its results queue
+    in a spawned multiprocessing Manager server that nothing stops when a rank is SIGKILLed (OOM killer, node
+    failure, a test's kill -9): it would live on forever. Pre-create that queue, which megatron caches in
+    ``filesystem_async._results_queue``, from a Manager whose server dies with its rank (Linux PR_SET_PDEATHSIG).
+    Elsewhere, or if megatron changes, megatron's own is used."""
+    from multiprocessing.managers import SyncManager
+
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:
+        return
+    if not sys.platform.startswith("linux") or getattr(filesystem_async, "_results_queue", False) is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)
+    _WRITER_MANAGERS.append(manager)
+    filesystem_async._results_queue = manager.Queue()

@@ -1,6 +1,6 @@
 """pretrain_solo.py end to end under real torchrun + gloo on the bundled demo data (CPU).
 
-Seven launches share one module fixture (each costs ~15-25 s on 2 cores), all with GBS 4, MBS 1, the debug model,
+Nine launches share one module fixture (each costs ~15-25 s on 2 cores), all with GBS 4, MBS 1, the debug model,
 seq 256, Adam + warm-up + cosine, clip 1.0, wd 0.1, 8 iterations:
 
 - ``ref``: 1 process (TP=1, DP=1, 4 micro-batches of grad accumulation), saves at exit;
@@ -10,7 +10,9 @@ seq 256, Adam + warm-up + cosine, clip 1.0, wd 0.1, 8 iterations:
 - ``c``:  TP=1 x DP=4 resumes ``a``'s iteration-4 checkpoint, runs to 6 (``--exit-interval``), saves;
 - ``d``:  TP=2 x DP=2 resumes ``c``'s checkpoint with sequence parallelism and full recompute, runs 7..8;
 - ``e``:  1 process starts a new stage from ``a``'s final weights (``--pretrained-checkpoint``: fresh optimizer and
-  schedule, iteration 0).
+  schedule, iteration 0), logging to W&B in offline mode;
+- ``f``:  as ``a`` with ``--exit-signal-handler``; rank 1 alone gets SIGTERM after iteration 2 (a preemption);
+- ``f2``: resumes ``f`` to iteration 8.
 
 Tolerances: same layout -> bit-identical losses; another layout (other reduction orders) -> rtol 1e-4 on losses
 and atol 2e-5 on weights after 8 Adam steps at lr 3e-3 (fp32).
@@ -18,6 +20,7 @@ and atol 2e-5 on weights after 8 Adam steps at lr 3e-3 (fp32).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -35,7 +38,16 @@ LOSS_RTOL = 1e-4
 WEIGHT_ATOL = 2e-5
 
 
-def _torchrun(nproc: int, flags: list[str], metrics: Path, env: dict | None = None, timeout: int = 300) -> dict:
+def _torchrun(
+    nproc: int,
+    flags: list[str],
+    metrics: Path,
+    env: dict | None = None,
+    timeout: int = 300,
+    sigterm_at: tuple[int, int] | None = None,
+) -> dict:
+    """One pretrain_solo.py launch. ``sigterm_at=(rank, iteration)``: once the metrics log reaches that iteration,
+    SIGTERM that worker process only (as SLURM signals a job's processes before a preemption)."""
     full_env = torchrun_env(env)
     cmd = torchrun_cmd("pretrain_solo.py", nproc, [*flags, "--metrics-log", str(metrics)])
     full_env["SOLO_TEST_RUN_ID"] = str(metrics)  # finds every process of this run afterwards (see _survivors)
@@ -47,6 +59,8 @@ def _torchrun(nproc: int, flags: list[str], metrics: Path, env: dict | None = No
             cmd, cwd=REPO, env=full_env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
+            if sigterm_at is not None:
+                _sigterm_when(proc, str(metrics), metrics, *sigterm_at, deadline=time.monotonic() + timeout)
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = -9
@@ -60,6 +74,32 @@ def _torchrun(nproc: int, flags: list[str], metrics: Path, env: dict | None = No
     losses = {r["iteration"]: r["loss"] for r in records if r["kind"] == "train"}
     valid = {r["iteration"]: r["valid_overall"] for r in records if r["kind"] == "valid"}
     return {"rc": rc, "out": out, "losses": losses, "valid": valid, "survivors": survivors}
+
+
+def _run_pids(run_id: str, rank: int | None = None) -> list[int]:
+    """Processes whose environment carries this run's id (and, if given, RANK=rank: a torchrun worker)."""
+    needle = f"SOLO_TEST_RUN_ID={run_id}".encode()
+    out = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in env and (rank is None or f"RANK={rank}".encode() in env):
+            out.append(int(proc.name))
+    return out
+
+
+def _sigterm_when(proc, run_id: str, metrics: Path, rank: int, iteration: int, deadline: float) -> None:
+    while proc.poll() is None and time.monotonic() < deadline:
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if any(json.loads(x).get("iteration", 0) >= iteration for x in lines if x.strip()):
+            for pid in _run_pids(run_id, rank):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                if pid != proc.pid and "pretrain_solo.py" in cmdline:  # a worker, not torchrun's agent
+                    os.kill(pid, signal.SIGTERM)
+            return
+        time.sleep(0.02)
 
 
 def _survivors(run_id: str, grace_s: float = 15.0) -> list[str]:
@@ -101,7 +141,7 @@ def runs(tmp_path_factory):
         "--model", "debug", "--data-path", data["train"], "--valid-data-path", data["valid"],
         "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(ITERS),
         "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "2", "--weight-decay", "0.1", "--clip-grad", "1.0",
-        "--eval-interval", "4", "--eval-iters", "1", "--seed", "7",
+        "--eval-interval", "4", "--eval-iters", "1", "--seed", "7", "--log-throughput",
     ]  # fmt: skip
     tp2 = ["--tensor-model-parallel-size", "2", "--use-distributed-optimizer"]
     tp1 = ["--tensor-model-parallel-size", "1", "--use-distributed-optimizer"]
@@ -128,7 +168,16 @@ def runs(tmp_path_factory):
         "--lr-warmup-iters",
         "1",
     ]
-    r["e"] = _torchrun(1, e_flags, tmp / "e.jsonl")
+    e_env = None
+    if importlib.util.find_spec("wandb") is not None:  # the optional extra (in .[test]): offline run dir
+        e_flags += ["--wandb-project", "solo-test", "--wandb-exp-name", "stage-e", "--wandb-save-dir", str(tmp / "wb")]
+        e_env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    r["e"] = _torchrun(1, e_flags, tmp / "e.jsonl", env=e_env)
+    # preemption: SIGTERM reaches rank 1 only, after iteration 2; every rank stops at the same step and saves
+    f_flags = [*common, *tp2, "--save", str(tmp / "f"), "--load", str(tmp / "f"), "--exit-signal-handler"]
+    r["f"] = _torchrun(4, f_flags, tmp / "f.jsonl", sigterm_at=(1, 2))
+    r["f_tracker"] = (tmp / "f" / "latest_checkpointed_iteration.txt").read_text().strip()
+    r["f2"] = _torchrun(4, f_flags, tmp / "f2.jsonl")
     return r
 
 
@@ -213,3 +262,59 @@ def test_stage_chaining_starts_from_weights_with_fresh_schedule(runs):
     assert e["losses"][1] < ref[1] - 0.5 and e["losses"][1] == pytest.approx(a[ITERS], abs=0.5)
     lrs = [json.loads(x)["lr"] for x in (runs["tmp"] / "e.jsonl").read_text().splitlines()]
     assert lrs[0] == pytest.approx(3e-3)  # a fresh 1-step warm-up to the peak; `a` ended near --min-lr 3e-4
+
+
+@pytest.mark.dist
+def test_sigterm_saves_at_the_agreed_step_exits_0_and_resumes_identically(runs):
+    f, f2, a = runs["f"], runs["f2"], runs["a"]["losses"]
+    _ok(f)  # exit code 0: a preempted job that saved is a success
+    stopped = max(f["losses"])
+    assert 2 <= stopped < ITERS, f["out"][-3000:]
+    assert f"exiting after iteration {stopped}: SIGTERM received" in f["out"]
+    assert f["out"].count("SIGTERM received") == 1  # one line, from rank 0
+    assert runs["f_tracker"] == str(stopped) and (runs["tmp"] / "f" / f"iter_{stopped:07d}" / "metadata.json").exists()
+    assert {i: f["losses"][i] for i in range(1, stopped + 1)} == {i: a[i] for i in range(1, stopped + 1)}
+    _ok(f2)
+    assert f"resumed from {runs['tmp'] / 'f'}" in f2["out"] and sorted(f2["losses"]) == list(range(stopped + 1, 9))
+    assert {i: f2["losses"][i] for i in f2["losses"]} == {i: a[i] for i in f2["losses"]}  # bit-identical
+
+
+def _wandb_history(run_dir: Path) -> list[dict]:
+    """History rows of wandb's own offline run file (``run-*.wandb``: wandb's LevelDB-style record log of
+    protobuf ``Record``s), decoded with wandb's protobuf classes; an independent reader of what wandb wrote."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run_dir.glob("run-*.wandb")
+    data, pos, block, pending, rows = path.read_bytes(), 7, 32768, b"", []
+    assert data[:4] == b":W&B", data[:7]
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer: zero padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 0:
+            pos += block - pos % block if pos % block else 0
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                items = record.history.item  # a key with "/" is stored as nested_key parts
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items})
+    return rows
+
+
+@pytest.mark.dist
+def test_wandb_offline_run_dir_holds_our_metrics(runs):
+    pytest.importorskip("wandb")
+    e = runs["e"]
+    _ok(e)
+    (run_dir,) = (runs["tmp"] / "wb" / "wandb").glob("offline-run-*")
+    rows = [r for r in _wandb_history(run_dir) if "train/loss" in r]
+    assert [r["_step"] for r in rows] == [1, 2]
+    assert [r["train/loss"] for r in rows] == pytest.approx([e["losses"][1], e["losses"][2]], rel=1e-6)
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_s", "train/vision_lm"} <= set(rows[0])

@@ -1,7 +1,7 @@
 """Pipeline parallelism end to end: pretrain_solo.py under real torchrun + gloo (CPU) equals the one-process run.
 
 The debug model with 4 layers, seq 256, GBS 4 / MBS 1 (4 micro-batches per step: more than the 2 stages), Adam +
-warm-up + cosine, distributed optimizer. Six launches share one module fixture:
+warm-up + cosine, distributed optimizer. Eight launches share one module fixture:
 
 - ``ref``: 1 process (PP=1), iterations 1..15, saves at 5, 10, 15: the reference;
 - ``pp2``: PP=2 (2 processes, 1F1B) resumes ``ref`` at 5 and runs 6..15;
@@ -10,7 +10,10 @@ warm-up + cosine, distributed optimizer. Six launches share one module fixture:
 - ``b``: 1 process (PP=1) resumes ``a``'s iteration 10 (weights and optimizer state resharded from 4 tensor /
   pipeline shards to one), runs 11..13, saves;
 - ``c``: back to a pipeline: PP=2 with virtual stages (2 processes) resumes ``b`` (one chunk's keys split into two
-  chunks per rank), runs 14..15.
+  chunks per rank), runs 14..15;
+- ``sig``: as ``pp2`` with ``--exit-signal-handler`` and ``--save``; rank 0 alone (the FIRST stage: it computes no
+  loss) gets SIGTERM after iteration 8 (a preemption): every stage stops at the same step and saves;
+- ``sig2``: resumes ``sig`` at the same layout (RNG restored) and runs to 15.
 
 Every pipeline run starts from a checkpoint (its weights resharded into stages): a FRESH model's initialisation
 depends on how the layers are split over stages (as in Megatron-LM), so fresh runs at different PP differ from
@@ -42,7 +45,7 @@ def runs(tmp_path_factory):
         "--model", "debug", "--num-layers", "4", "--data-path", data["train"], "--valid-data-path", data["valid"],
         "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", str(ITERS),
         "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "2", "--weight-decay", "0.1", "--clip-grad", "1.0",
-        "--seed", "7", "--use-distributed-optimizer",
+        "--seed", "7", "--use-distributed-optimizer", "--log-throughput",
     ]  # fmt: skip
     from_ref = [*common, "--load", str(tmp / "ref" / "iter_0000005")]
     pp2 = ["--pipeline-model-parallel-size", "2"]
@@ -59,6 +62,11 @@ def runs(tmp_path_factory):
     b_flags = [*common, "--load", str(tmp / "a" / "iter_0000010"), "--save", str(tmp / "b"), "--exit-interval", "13"]
     r["b"] = _torchrun(1, b_flags, tmp / "b.jsonl")
     r["c"] = _torchrun(2, [*common, *vpp, *auto, "--load", str(tmp / "b")], tmp / "c.jsonl")
+    sig_flags = [*common, *pp2, *auto, "--eval-interval", "10", "--save", str(tmp / "sig"), "--exit-signal-handler"]
+    r["sig"] = _torchrun(
+        2, [*sig_flags, "--load", str(tmp / "ref" / "iter_0000005")], tmp / "sig.jsonl", sigterm_at=(0, 8)
+    )
+    r["sig2"] = _torchrun(2, [*sig_flags, "--load", str(tmp / "sig")], tmp / "sig2.jsonl")
     return r
 
 
@@ -102,3 +110,19 @@ def test_reshard_tp2pp2_to_pp1_and_back_to_virtual_pp2(runs):
     _close(b["losses"], ref, (11, 12, 13), rtol=LOSS_RTOL)
     assert "at iteration 13" in c["out"] and sorted(c["losses"]) == [14, 15]
     _close(c["losses"], ref, (14, 15), rtol=LOSS_RTOL)
+
+
+@pytest.mark.dist
+def test_sigterm_to_a_first_stage_rank_stops_every_stage_at_one_step_and_resumes_identically(runs):
+    sig, sig2, pp2 = runs["sig"], runs["sig2"], runs["pp2"]["losses"]
+    _ok(sig)  # exit code 0: a preempted job that saved is a success
+    stopped = max(sig["losses"])
+    assert 8 <= stopped < ITERS, sig["out"][-3000:]
+    assert sig["out"].count(f"exiting after iteration {stopped}: SIGTERM received") == 1  # printed once
+    # the save at the stop (the tracker moves on with sig2, which saves into the same dir)
+    assert f"saved checkpoint {runs['tmp'] / 'sig' / f'iter_{stopped:07d}'}" in sig["out"]
+    assert (runs["tmp"] / "sig" / f"iter_{stopped:07d}" / "trainer_state.json").is_file()
+    assert {i: sig["losses"][i] for i in range(6, stopped + 1)} == {i: pp2[i] for i in range(6, stopped + 1)}
+    _ok(sig2)
+    assert f"at iteration {stopped}" in sig2["out"] and sorted(sig2["losses"]) == list(range(stopped + 1, ITERS + 1))
+    assert sig2["losses"] == {i: pp2[i] for i in sig2["losses"]}  # bit-identical to the uninterrupted PP=2 run

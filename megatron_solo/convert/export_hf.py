@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_solo.convert import checkpoint_io, keymap
+from megatron_solo import checkpoint as solo_checkpoint
+from megatron_solo.convert import keymap
 
 REMOTE_DIR = Path(__file__).resolve().parent / "hf_remote"
 REMOTE_FILES = ("configuration_solo.py", "modeling_solo.py", "processing_solo.py")
@@ -230,24 +231,22 @@ def open_checkpoint(checkpoint: str | os.PathLike):
     refuses a tokenizer whose size differs from the checkpoint's vocab."""
     from megatron_solo.format.tokens import SoloTokenizer
 
-    it_dir = checkpoint_io.resolve_iteration_dir(checkpoint)
-    config, _ = checkpoint_io.load_solo_config(it_dir)
-    tok_path = checkpoint_io.find_file(it_dir, checkpoint_io.TOKENIZER_NAME)
+    found = solo_checkpoint.open_checkpoint(checkpoint)
+    config = found.solo_config()
+    tok_path = found.tokenizer_path
     tokenizer = SoloTokenizer(tok_path)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"{tok_path}: {tokenizer.vocab_size} pieces but the checkpoint vocab is {config.vocab_size}")
-    return config, tok_path, tokenizer, CheckpointTensors(it_dir)
+    return config, tok_path, tokenizer, CheckpointTensors(found.it_dir)
 
 
-TEMPLATE_KEY = "chat_template"  # solo_config.json: the chat template an instruction-tuned checkpoint was trained with
+TEMPLATE_KEY = solo_checkpoint.CHAT_TEMPLATE_KEY  # solo_config.json: the template an SFT checkpoint was trained with
 HF_TEMPLATE_KEY = "solo_chat_template"  # its name in the exported config.json (HF's own `chat_template` is Jinja)
 
 
 def recorded_chat_template(checkpoint: str | os.PathLike) -> str | None:
     """The chat template name a SOLO checkpoint records in solo_config.json (None for pre-training checkpoints)."""
-    it_dir = checkpoint_io.resolve_iteration_dir(checkpoint)
-    data = json.loads(checkpoint_io.find_file(it_dir, checkpoint_io.CONFIG_NAME).read_text())
-    return data.get(TEMPLATE_KEY)
+    return solo_checkpoint.open_checkpoint(checkpoint).chat_template
 
 
 def export_hf(

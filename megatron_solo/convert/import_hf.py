@@ -15,8 +15,8 @@ What it does, rank by rank:
    tensors of one layer at a time from the safetensors files (``safe_open``: only the tensors asked for are read);
    the local TP slice is taken with the offsets Megatron itself declares for that shard, so qkv grouping, SwiGLU
    halves and vocab shards are never re-derived here.
-4. ``dist_checkpointing.save`` -> ``<out>/iter_0000000`` + ``latest_checkpointed_iteration.txt`` (see
-   ``megatron_solo.convert.checkpoint_io``).
+4. ``megatron_solo.checkpoint.save_model`` (the one checkpoint writer) -> ``<out>/iter_0000000`` +
+   ``latest_checkpointed_iteration.txt``.
 
 New rows: the 5 vision-token rows of the input embedding AND of the output layer are the mean of the existing rows
 (so a new token starts as "an average token": it perturbs neither the input statistics nor, in the output, takes
@@ -44,8 +44,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_solo import checkpoint
 from megatron_solo.convert import keymap
-from megatron_solo.convert.checkpoint_io import save_solo_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -357,7 +357,7 @@ def import_hf(
     model = build_solo_model(config)
     source = HFGlobalTensors(SafetensorsReader(hf_dir), config, base_vocab, projector, seed)
     fill_model(model, source)
-    save_solo_checkpoint(model, config, out_dir, iteration=0, tokenizer_model=solo_tok_path)
+    checkpoint.save_model(model, config, out_dir, iteration=0, tokenizer_model=solo_tok_path)
     return config
 
 

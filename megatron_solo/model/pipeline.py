@@ -1,7 +1,8 @@
 """Pipeline parallelism for SoloModel: which chunks a rank builds, what data each stage needs, the P2P shape.
 
 Megatron-Core's schedules (``get_forward_backward_func``) do the work; this module holds the three SOLO-specific
-decisions around them:
+decisions around them (how chunks are named in a checkpoint belongs to the checkpoint owner:
+``megatron_solo.checkpoint.sharded_model_state``):
 
 * **Chunks.** A rank builds one ``SoloModel`` per virtual stage (one without virtual stages). Chunk ``k`` of pipeline
   rank ``r`` is model stage ``k * PP + r``; ``pre_process`` (word embedding + patch projector) only on model stage
@@ -89,13 +90,3 @@ def schedule_shape(micro_batch_size: int, seq_length: int, packed: bool = True) 
     """``(seq_length, micro_batch_size)`` to give Megatron's schedule: the hidden states' ``[S, B, h]`` between
     stages (``[b*s, 1, h]`` for packed micro-batches, see the module docstring)."""
     return (micro_batch_size * seq_length, 1) if packed else (seq_length, micro_batch_size)
-
-
-def sharded_model_state(chunks: list) -> dict:
-    """The model part of a checkpoint request: ``{"model": sd}`` for one chunk, ``{"model0": .., "model1": ..}``
-    with virtual stages (Megatron-LM's names). Every entry is a ShardedTensor / ShardedObject keyed by GLOBAL layer
-    index (TransformerBlock applies the stage's layer offset), so the files are the same at any PP / VPP / TP / DP
-    and a reader that asks for ``"model"`` of a one-stage model finds every key."""
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{k}": c.sharded_state_dict() for k, c in enumerate(chunks)}

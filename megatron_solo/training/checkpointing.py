@@ -1,49 +1,34 @@
-"""Trainer checkpoints: the SOLO checkpoint layout (convert/checkpoint_io.py) + optimizer, schedule, trainer state.
+"""What the trainer puts into a SOLO checkpoint besides the weights: optimizer, schedule, trainer counters, RNG.
 
-Layout (model part identical to an HF import, so ``export_hf`` / ``generate`` read trainer checkpoints)::
+The layout, the atomic commit, the one save and where a run starts belong to ``megatron_solo.checkpoint``; this
+module builds the trainer's sharded state dict and restores it::
 
-    <save>/latest_checkpointed_iteration.txt      written LAST (atomically): names the last complete checkpoint
-    <save>/tokenizer.model
-    <save>/iter_0000100/                          dist_checkpointing (torch_dist) of
-        {"model": model.sharded_state_dict(),     same keys as an import
-         "optimizer": ...,                        distributed optimizer: 'fully_reshardable' (any TP/DP on load)
-         "opt_param_scheduler": ..., "trainer": {"iteration", "consumed_samples"}}
-    <save>/iter_0000100/solo_config.json, tokenizer.model, trainer_state.json, rng/rank_00000.pt ...
+    {"model": model.sharded_state_dict(),      same keys as an HF import (export_hf / generate read them);
+                                               "model0", "model1", .. per virtual pipeline chunk (global keys)
+     "optimizer": ...,                         distributed optimizer: 'fully_reshardable' (any TP/PP/DP on load)
+     "opt_param_scheduler": ..., "trainer": {"iteration", "consumed_samples"}}
+    + trainer_state.json (iteration, samples, world layout, optimizer kind) + rng/rank_XXXXX.pt per global rank
 
-Atomic: everything is written into ``iter_0000100.tmp`` and renamed once complete; the tracker is replaced
-afterwards. A crash mid-save leaves the previous checkpoint and tracker untouched (a stale ``.tmp`` is removed by
-the next save). RNG states are per global rank and restored only when the world layout is unchanged.
+RNG states are restored only when the world layout (world size, TP, PP, virtual stages) is unchanged.
 
 megatron-core 0.16 (torch Adam, no Apex/TE): the distributed optimizer's default 'fully_sharded_model_space' format
 fails to save, so 'fully_reshardable' is used; loading needs a primed optimizer state (``step`` present) and a
-state copy that skips ``step`` and runs under no_grad (see ``_fix_distopt_state_copy``).
+state copy that skips ``step`` and runs under no_grad (``platform.patch_distopt_state_copy``).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import signal
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_solo.convert.checkpoint_io import (
-    begin_iteration_dir,
-    commit_iteration_dir,
-    iteration_dirs,
-    load_model_weights,
-    resolve_iteration_dir,
-    writer_queue_dies_with_rank,
-)
+from megatron_solo import checkpoint, platform
+from megatron_solo.checkpoint import Checkpoint
 from megatron_solo.training.optimizer import TrainState
 
-TRAINER_STATE = "trainer_state.json"
-KILL_IN_SAVE_ITER = "SOLO_TEST_KILL_IN_SAVE_ITER"
-"""Test hook (fault injection): SIGKILL rank 0 once the temp dir of this iteration's save is written."""
 DISTOPT_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -51,10 +36,21 @@ def _optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _is_distributed(optimizer) -> bool:
+def is_distributed(optimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     return any(isinstance(o, DistributedOptimizer) for o in _optimizers(optimizer))
+
+
+def saved_with_distributed_optimizer(ckpt: Checkpoint) -> bool | None:
+    """Whether a trainer checkpoint holds distributed-optimizer state (None: no optimizer state in it)."""
+    meta = ckpt.trainer_state or {}
+    if not meta.get("has_optimizer", False):
+        return None
+    if "use_distributed_optimizer" in meta:
+        return bool(meta["use_distributed_optimizer"])
+    # checkpoints written before trainer_state.json recorded it: megatron's DistributedOptimizer marks its format
+    return "param_state_sharding_type" in (ckpt.common_state.get("optimizer") or {})
 
 
 def prime_optimizer_state(optimizer) -> None:
@@ -75,35 +71,6 @@ def prime_optimizer_state(optimizer) -> None:
                     st.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
 
 
-_FIXED = False
-
-
-def _fix_distopt_state_copy() -> None:
-    """megatron-core <= 0.19 with torch Adam: ``DistributedOptimizer._set_main_param_and_optimizer_states`` copies
-    every key of the live state, including ``step`` (absent from the loaded tensors: KeyError), and writes into
-    fp32 main params that are views of leaf params outside no_grad. Copy the loaded keys only, under no_grad."""
-    global _FIXED
-    if _FIXED:
-        return
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
-
-    def _set_states(self, model_param, tensors):
-        if getattr(self.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False):
-            return original(self, model_param, tensors)
-        group_index, group_order = self.model_param_group_index_map[model_param]
-        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-        dst = {"param": main_param, **self.optimizer.state[main_param]}
-        with torch.no_grad():
-            for key, value in tensors.items():
-                if key in dst and isinstance(value, torch.Tensor):
-                    dst[key].copy_(value)
-
-    DistributedOptimizer._set_main_param_and_optimizer_states = _set_states
-    _FIXED = True
-
-
 def unshare_adam_steps(optimizer) -> None:
     """After ``DistributedOptimizer.load_state_dict`` with torch Adam (no Apex/TE), every param's ``step`` is ONE
     shared tensor (megatron-core <= 0.19), so the next ``optimizer.step()`` would add 1 per param to it and break the
@@ -120,13 +87,11 @@ def _modules(model) -> list:
 
 
 def _sharded_state(model, optimizer, scheduler, state: TrainState | None, with_optim: bool, loading: bool) -> dict:
-    from megatron_solo.model.pipeline import sharded_model_state
-
-    sd: dict = sharded_model_state(_modules(model))
+    sd: dict = checkpoint.sharded_model_state(_modules(model))
     if with_optim:
         if loading:
             prime_optimizer_state(optimizer)
-        meta = DISTOPT_FORMAT if _is_distributed(optimizer) else None
+        meta = DISTOPT_FORMAT if is_distributed(optimizer) else None
         sd["optimizer"] = optimizer.sharded_state_dict(dict(sd), is_loading=loading, metadata=meta)
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if state is not None:
@@ -160,66 +125,28 @@ def _set_rng_state(rng: dict) -> None:
 
 
 def save_checkpoint(
-    save_dir: str | os.PathLike,
-    state: TrainState,
-    ddp,
-    optimizer,
-    scheduler,
-    config,
-    tokenizer_model: str | os.PathLike | None = None,
-    layout: dict | None = None,
+    save_dir, state: TrainState, ddp, optimizer, scheduler, config, tokenizer_model=None, layout: dict | None = None,
     save_optim: bool = True,
-) -> Path:
-    """Collective. Writes ``iter_{state.iteration}`` atomically, then points the tracker at it. ``ddp``: the DDP
-    model, or the list of its pipeline chunks."""
-    from megatron.core import dist_checkpointing
-
-    root = Path(save_dir)
-    rank = dist.get_rank()
-    final, tmp = iteration_dirs(root, state.iteration)
-    if rank == 0:
-        begin_iteration_dir(root, state.iteration)
-    dist.barrier()
-    writer_queue_dies_with_rank()
-    dist_checkpointing.save(_sharded_state(ddp, optimizer, scheduler, state, save_optim, loading=False), str(tmp))
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    dist.barrier()
-    if os.environ.get(KILL_IN_SAVE_ITER) == str(state.iteration):
-        if rank == 0:
-            os.kill(os.getpid(), signal.SIGKILL)
-        dist.barrier()
-    if rank == 0:
-        trainer = {
-            "iteration": state.iteration,
-            "consumed_samples": state.consumed_samples,
-            "world_size": dist.get_world_size(),
-            "has_optimizer": save_optim,
-            **(layout or {}),
-        }
-        (tmp / TRAINER_STATE).write_text(json.dumps(trainer, indent=2) + "\n")
-        commit_iteration_dir(root, final, tmp, state.iteration, config, tokenizer_model)
-    dist.barrier()
-    return final
+) -> Path:  # fmt: skip
+    """Collective: the trainer's checkpoint of iteration ``state.iteration`` through ``checkpoint.save``. ``ddp``:
+    the DDP model, or the list of its pipeline chunks."""
+    meta = {
+        "iteration": state.iteration,
+        "consumed_samples": state.consumed_samples,
+        "world_size": dist.get_world_size(),
+        "has_optimizer": save_optim,
+        "use_distributed_optimizer": is_distributed(optimizer),
+        **(layout or {}),
+    }
+    sharded = _sharded_state(ddp, optimizer, scheduler, state, save_optim, loading=False)
+    return checkpoint.save(save_dir, state.iteration, sharded, config, tokenizer_model, meta, _rng_state())
 
 
-def checkpoint_has_trainer_state(load_dir: str | os.PathLike) -> bool:
-    """True when ``load_dir`` holds a trainer checkpoint (trainer state, usually the optimizer too), not an import."""
-    try:
-        it_dir = resolve_iteration_dir(load_dir)
-    except FileNotFoundError:
-        return False
-    path = it_dir / TRAINER_STATE
-    return path.exists()
-
-
-def load_weights(ddp, optimizer, load_dir: str | os.PathLike) -> Path:
+def load_weights(ddp, optimizer, ckpt: Checkpoint) -> None:
     """Collective: model weights only (any TP/PP/DP of the saved run; an HF import or a trainer checkpoint), copied
     into the optimizer's main params too; the optimizer state and schedule stay fresh."""
-    it_dir = resolve_iteration_dir(load_dir)
-    load_model_weights(_modules(ddp), it_dir)
+    checkpoint.load_model_weights(_modules(ddp), ckpt)
     optimizer.reload_model_params()
-    return it_dir
 
 
 def _load_model_state(model, state: dict) -> None:
@@ -230,31 +157,24 @@ def _load_model_state(model, state: dict) -> None:
 
 
 def load_checkpoint(
-    load_dir: str | os.PathLike,
-    ddp,
-    optimizer,
-    scheduler,
-    load_optim: bool = True,
-    load_rng: bool = True,
+    ckpt: Checkpoint, ddp, optimizer, scheduler, load_optim: bool = True, load_rng: bool = True
 ) -> TrainState:
     """Collective: resume a trainer checkpoint (weights, optimizer, schedule, iteration, consumed samples, RNG).
 
     Works at another TP / PP / DP than the save (model and 'fully_reshardable' optimizer state are resharded:
     every key is global, layer indices included).
     """
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    it_dir = resolve_iteration_dir(load_dir)
-    meta = json.loads((it_dir / TRAINER_STATE).read_text())
+    meta = ckpt.trainer_state
     with_optim = load_optim and meta.get("has_optimizer", False)
-    if with_optim and _is_distributed(optimizer):
-        _fix_distopt_state_copy()
+    if with_optim and is_distributed(optimizer):
+        platform.patch_distopt_state_copy()
     request = _sharded_state(ddp, optimizer, scheduler, None, with_optim, loading=True)
-    loaded = dist_checkpointing.load(request, str(it_dir))
+    loaded = checkpoint.load(ckpt, request)
     modules = _modules(ddp)
-    for k, module in enumerate(modules):
-        _load_model_state(module, loaded["model" if len(modules) == 1 else f"model{k}"])
+    for module, name in zip(modules, checkpoint.model_part_names(len(modules)), strict=True):
+        _load_model_state(module, loaded[name])
     if with_optim:
         optimizer.load_state_dict(loaded["optimizer"])
         unshare_adam_steps(optimizer)
@@ -262,7 +182,7 @@ def load_checkpoint(
     else:
         optimizer.reload_model_params()  # main params were copied from the initial weights at build time
     trainer = loaded.get("trainer") or meta
-    rng_file = it_dir / "rng" / f"rank_{dist.get_rank():05d}.pt"
+    rng_file = ckpt.rng_file(dist.get_rank())
     same_layout = (
         meta.get("world_size") == dist.get_world_size()
         and meta.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size()

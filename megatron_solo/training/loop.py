@@ -13,7 +13,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,9 +23,12 @@ from megatron_solo.model import build_packed_seq_params, mean_losses, solo_losse
 from megatron_solo.model.loss import LOSS_NAMES
 from megatron_solo.model.pipeline import schedule_shape, stage_needs
 from megatron_solo.training import checkpointing as ckpt
-from megatron_solo.training.arguments import RunArgs, model_config
+from megatron_solo.training.arguments import RunArgs
+from megatron_solo.training.errors import SetupError, report
+from megatron_solo.training.exits import ExitConditions
 from megatron_solo.training.metrics import MetricsWriter, console_line, memory_gb, peak_tflops, training_flops
 from megatron_solo.training.optimizer import TrainState, build_model_and_optimizer, build_scheduler
+from megatron_solo.training.plan import RunPlan, plan_run
 
 # Test hook (fault injection): SIGKILL rank 0 after this iteration (see also checkpointing.KILL_IN_SAVE_ITER).
 KILL_AFTER_ITER = "SOLO_TEST_KILL_AFTER_ITER"
@@ -35,39 +37,6 @@ KILL_AFTER_ITER = "SOLO_TEST_KILL_AFTER_ITER"
 def _log(msg: str) -> None:
     if dist.get_rank() == 0:
         print(msg, flush=True)
-
-
-def resolve_tokenizer(args: RunArgs) -> str:
-    """--tokenizer-model, else the checkpoint's tokenizer.model, else the one the first data set was built with."""
-    if args.data.tokenizer_model:
-        return args.data.tokenizer_model
-    from megatron_solo.convert.checkpoint_io import TOKENIZER_NAME, find_file, resolve_iteration_dir
-
-    for src in (args.ckpt.load, args.ckpt.pretrained_checkpoint):
-        if src:
-            try:
-                return str(find_file(resolve_iteration_dir(src), TOKENIZER_NAME))
-            except FileNotFoundError:
-                pass
-    from megatron_solo.data.blend import parse_data_path
-    from megatron_solo.data.shards import read_manifest
-
-    path = (read_manifest(parse_data_path(args.data.data_path)[0][1]).get("tokenizer") or {}).get("path")
-    if path and Path(path).exists():
-        return path
-    raise SystemExit("pretrain_solo.py: no tokenizer: pass --tokenizer-model (the SOLO SentencePiece model)")
-
-
-def _checkpoint_arch(args: RunArgs) -> dict | None:
-    """Architecture of the checkpoint the run starts from (its solo_config.json), if any."""
-    import json
-
-    from megatron_solo.convert.checkpoint_io import CONFIG_NAME, architecture_of, find_file, resolve_iteration_dir
-
-    for src in (args.ckpt.load, args.ckpt.pretrained_checkpoint):
-        if src and _has_checkpoint(src):
-            return architecture_of(json.loads(find_file(resolve_iteration_dir(src), CONFIG_NAME).read_text()))
-    return None
 
 
 @dataclass
@@ -82,37 +51,18 @@ class StepResult:
 class Trainer:
     """One run: build everything from ``RunArgs``, then :meth:`train`."""
 
-    def __init__(self, args: RunArgs):
+    def __init__(self, args: RunArgs, plan: RunPlan | None = None):
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from megatron_solo.data.blend import build_blend
-        from megatron_solo.format.tokens import SoloTokenizer
-
         self.args = args
-        self.tokenizer_path = resolve_tokenizer(args)
-        tokenizer = SoloTokenizer(self.tokenizer_path)
-
-        self.train_data = build_blend(
-            args.data.data_path, seed=args.train.seed, vision_fraction=args.data.vision_fraction
-        )
-        self.valid_data = (
-            build_blend(args.data.valid_data_path, seed=args.train.seed) if args.data.valid_data_path else None
-        )
-        seq_length = self.train_data.seq_length
-        if args.data.seq_length is not None and args.data.seq_length != seq_length:
-            raise SystemExit(f"--seq-length {args.data.seq_length} != the shards' pack length {seq_length}")
-        ids = self.train_data.token_ids
-        if ids.vpatch != tokenizer.vpatch_id or ids.first_special != tokenizer.first_special_id:
-            raise SystemExit(
-                f"tokenizer {self.tokenizer_path} (<vpatch>={tokenizer.vpatch_id}) does not match the shards "
-                f"(<vpatch>={ids.vpatch}); were they built with another tokenizer?"
-            )
-        self.seq_length = seq_length
-
-        special = (tokenizer.vpatch_id, tokenizer.first_special_id)
-        self.config = model_config(args, tokenizer.vocab_size, seq_length, special, arch=_checkpoint_arch(args))
-        # The layout needs the model's layer count (virtual stages), so process groups come after the config.
+        plan = plan_run(args) if plan is None else plan  # before process groups: setup errors stop here, once
+        self.plan = plan
+        self.tokenizer_path = plan.tokenizer_path
+        self.train_data, self.valid_data = plan.train_data, plan.valid_data
+        self.seq_length = plan.seq_length
+        self.config = plan.config
+        # The plan derived the virtual-stage count from the model's layer count (the config), hence groups after it.
         parallel.initialize(
             tensor_model_parallel_size=args.parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=args.parallel.pipeline_model_parallel_size,
@@ -122,7 +72,7 @@ class Trainer:
         self.rank = dist.get_rank()
         self.device = parallel.device()
         self.model, self.optimizer = build_model_and_optimizer(self.config, args.parallel, args.optim)
-        self.scheduler = build_scheduler(self.optimizer, args.optim, args.sched, args.train.train_iters)
+        self.scheduler = build_scheduler(self.optimizer, args.optim, args.sched, args.train)
         needs = stage_needs(self.config)
         gbs, mbs = args.train.global_batch_size, args.train.micro_batch_size
         self.loader = BatchLoader(self.train_data, gbs, mbs, self.device, needs=needs)
@@ -133,35 +83,50 @@ class Trainer:
         self.dp_size = ps.get_data_parallel_world_size()
         self.tp_size = ps.get_tensor_model_parallel_world_size()
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
-        self.writer = MetricsWriter(args.log.tensorboard_dir, args.log.metrics_log, enabled=self.rank == 0)
+        # Global rank 0 writes metrics and prints: the step's losses reach every stage (``_run`` broadcasts them).
+        self.writer = MetricsWriter(
+            args.log.tensorboard_dir, args.log.metrics_log, enabled=self.rank == 0, wandb=self._wandb_settings()
+        )
         self.peak = peak_tflops(args.log.peak_tflops)
         self.state = self._load()
+        self._log_start()
+
+    def _log_start(self) -> None:
+        a, vpp = self.args, self.config.virtual_pipeline_model_parallel_size
         n_params = sum(p.numel() for c in self.model for p in c.module.parameters())
-        vpp = self.config.virtual_pipeline_model_parallel_size
+        precision = "bf16" if a.bf16 else "fp16" if a.fp16 else "fp32"
         _log(
             f"SOLO run: world {dist.get_world_size()} = TP {self.tp_size} x PP {self.pp_size} x DP {self.dp_size}"
             f"{f' ({vpp} virtual stages per rank)' if vpp else ''}, "
             f"{type(self.model[0].module.language_model).__name__}, dist-opt "
-            f"{args.parallel.use_distributed_optimizer}, {'bf16' if args.bf16 else 'fp32'}, {n_params:,} params on "
-            f"rank 0, seq {seq_length}, GBS {args.train.global_batch_size}, MBS {args.train.micro_batch_size}, "
+            f"{a.parallel.use_distributed_optimizer}, {precision}, {n_params:,} params on rank 0, seq "
+            f"{self.seq_length}, GBS {a.train.global_batch_size}, MBS {a.train.micro_batch_size}, "
             f"{self.loader.num_microbatches} micro-batches/step; data: {len(self.train_data)} packs/epoch; "
             f"starting at iteration {self.state.iteration} ({self.state.consumed_samples} samples consumed)"
         )
+        _log(f"train: {self.plan.describe_samples(a)}")
+
+    def _wandb_settings(self) -> dict | None:
+        a = self.args
+        if not a.log.wandb_project:
+            return None
+        save_dir = a.log.wandb_save_dir or (os.path.join(a.ckpt.save, "wandb") if a.ckpt.save else "wandb")
+        config = {"world_size": dist.get_world_size(), "start": self.plan.start.describe(), "argv": _argv()}
+        return {"project": a.log.wandb_project, "name": a.log.wandb_exp_name, "save_dir": save_dir, "config": config}
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
     def _load(self) -> TrainState:
-        c = self.args.ckpt
-        if c.load and not c.finetune and ckpt.checkpoint_has_trainer_state(c.load):
+        c, start = self.args.ckpt, self.plan.start
+        if start.kind == "resume":
             state = ckpt.load_checkpoint(
-                c.load, self.model, self.optimizer, self.scheduler, load_optim=not c.no_load_optim,
+                start.checkpoint, self.model, self.optimizer, self.scheduler, load_optim=not c.no_load_optim,
                 load_rng=not c.no_load_rng,
             )  # fmt: skip
-            _log(f"resumed from {c.load} at iteration {state.iteration}")
+            _log(f"resumed from {start.checkpoint.it_dir} at iteration {state.iteration}")
             return state
-        source = c.load if c.load and (c.finetune or _has_checkpoint(c.load)) else c.pretrained_checkpoint
-        if source:
-            it_dir = ckpt.load_weights(self.model, self.optimizer, source)
-            _log(f"loaded weights from {it_dir} (fresh optimizer and schedule)")
+        if start.kind == "weights":
+            ckpt.load_weights(self.model, self.optimizer, start.checkpoint)
+            _log(f"loaded weights from {start.checkpoint.it_dir} (fresh optimizer and schedule)")
         return TrainState()
 
     def save(self) -> None:
@@ -237,7 +202,7 @@ class Trainer:
         result = self._run(batches, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
-            self.scheduler.step(increment=1)
+            self.scheduler.step(increment=self.args.train.global_batch_size)  # samples, as Megatron-LM
         self.state.iteration += 1
         self.state.consumed_samples += self.args.train.global_batch_size
         return result, float("nan") if grad_norm is None else float(grad_norm)
@@ -260,7 +225,11 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------------------------
     def train(self) -> TrainState:
         a = self.args
-        stop_at = min(a.train.train_iters, a.train.exit_interval or a.train.train_iters)
+        stop_at = a.train.train_iters
+        if self.state.iteration >= stop_at:
+            _log(f"nothing to train: the run is at iteration {self.state.iteration} >= --train-iters {stop_at}")
+        t = a.train
+        exits = ExitConditions(t.exit_interval, t.exit_duration_in_mins, t.exit_signal_handler, self.device)
         kill_after = os.environ.get(KILL_AFTER_ITER)
         world = dist.get_world_size()
         bar = None
@@ -294,6 +263,8 @@ class Trainer:
                 "step_time_s": dt,
                 "data_wait_s": self.loader.last_wait_s,
             }
+            if a.fp16:
+                m["loss_scale"] = float(self.optimizer.get_loss_scale())
             self.first_loss = m["loss"] if self.first_loss is None else self.first_loss
             self.last_loss = m["loss"]
             self.writer.write("train", m)
@@ -301,7 +272,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
             elif it % a.log.log_interval == 0 or it == stop_at:
-                _log(console_line(m, a.train.train_iters))
+                _log(console_line(m, a.train.train_iters, throughput=a.log.log_throughput))
             if self.valid_loader is not None and a.train.eval_interval and it % a.train.eval_interval == 0:
                 self._log_eval()
             if a.ckpt.save and a.ckpt.save_interval and it % a.ckpt.save_interval == 0:
@@ -309,6 +280,11 @@ class Trainer:
                 last_saved = it
             if kill_after is not None and int(kill_after) == it:
                 _kill_self()
+            reason = exits.check(it)
+            if reason is not None:
+                _log(f"exiting after iteration {it}: {reason}")
+                break
+        exits.close()
         if bar is not None:
             bar.close()
         ran = self.state.iteration > start
@@ -337,28 +313,34 @@ class Trainer:
         )
 
 
-def _has_checkpoint(path: str) -> bool:
-    from megatron_solo.convert.checkpoint_io import resolve_iteration_dir
-
-    try:
-        resolve_iteration_dir(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 def _kill_self() -> None:
     if dist.get_rank() == 0:
         os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()  # the others wait here until torchrun tears the job down
 
 
+def _argv() -> list[str]:
+    import sys
+
+    return list(sys.argv[1:])
+
+
 def main(argv: list[str] | None = None) -> TrainState:
+    """Parse, plan (before process groups), train, save. A SetupError is printed once (rank 0) and every rank
+    exits with code 2: no traceback wall."""
+    import sys
+
     from megatron_solo.training.arguments import parse_args
 
-    args = parse_args(argv)
-    trainer = Trainer(args)
-    state = trainer.train()
+    try:
+        args = parse_args(argv)
+        trainer = Trainer(args, plan_run(args))
+        state = trainer.train()
+    except SetupError as e:
+        code = report(e)
+        if dist.is_initialized():
+            parallel.destroy()
+        sys.exit(code)
     if trainer.first_loss is not None:
         _log(f"first loss {trainer.first_loss:.4f} -> last loss {trainer.last_loss:.4f} ({state.iteration} iterations)")
     parallel.destroy()

@@ -73,25 +73,37 @@ def _fmt(value: float, spec: str) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def console_line(m: dict, train_iters: int) -> str:
-    """``iter i/N | loss | vision-lm | text-lm | lr | grad-norm | tokens/s | TFLOP/s/GPU | MFU | mem``."""
-    return (
+def console_line(m: dict, train_iters: int, throughput: bool = True) -> str:
+    """``iter i/N | loss | vision-lm | text-lm | lr | grad-norm [| tokens/s | TFLOP/s/GPU | MFU] | mem`` (the
+    bracketed part with ``--log-throughput``, as Megatron-LM; ``loss-scale`` with fp16)."""
+    line = (
         f"iter {m['iteration']:>6d}/{train_iters} | loss {_fmt(m['loss'], '.4f')} | "
         f"vision-lm {_fmt(m['vision_lm'], '.4f')} | text-lm {_fmt(m['text_lm'], '.4f')} | lr {m['lr']:.3e} | "
-        f"grad-norm {_fmt(m['grad_norm'], '.3f')} | tokens/s {m['tokens_per_s']:,.0f} | "
-        f"TFLOP/s/GPU {m['tflops_per_gpu']:.3f} | MFU {_fmt(m['mfu'], '.1%')} | mem {m['mem_gb']:.2f} GB"
+        f"grad-norm {_fmt(m['grad_norm'], '.3f')}"
     )
+    if "loss_scale" in m:
+        line += f" | loss-scale {m['loss_scale']:.1f}"
+    if throughput:
+        line += (
+            f" | tokens/s {m['tokens_per_s']:,.0f} | TFLOP/s/GPU {m['tflops_per_gpu']:.3f} | "
+            f"MFU {_fmt(m['mfu'], '.1%')}"
+        )
+    return line + f" | mem {m['mem_gb']:.2f} GB"
 
 
 class MetricsWriter:
-    """Rank 0's sinks: console, TensorBoard (``--tensorboard-dir``), JSON lines (``--metrics-log``)."""
+    """The logging rank's sinks: TensorBoard (``--tensorboard-dir``), JSON lines (``--metrics-log``), Weights &
+    Biases (``--wandb-project``; the optional ``wandb`` extra; ``WANDB_MODE=offline`` writes a local run dir)."""
 
-    def __init__(self, tensorboard_dir: str | None, metrics_log: str | None, enabled: bool):
+    def __init__(self, tensorboard_dir: str | None, metrics_log: str | None, enabled: bool, wandb: dict | None = None):
         self.enabled = enabled
         self.tb = None
         self.jsonl = None
+        self.wandb = None
         if not enabled:
             return
+        if wandb is not None:
+            self.wandb = _start_wandb(**wandb)
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -111,9 +123,33 @@ class MetricsWriter:
         if self.jsonl is not None:
             clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
             self.jsonl.write(json.dumps({"kind": kind, "time": time.time(), **clean}) + "\n")
+        if self.wandb is not None:
+            values = {
+                f"{kind}/{k}": v
+                for k, v in metrics.items()
+                if k != "iteration" and isinstance(v, int | float) and math.isfinite(v)
+            }
+            self.wandb.log(values, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
         if self.jsonl is not None:
             self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def wandb_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("wandb") is not None
+
+
+def _start_wandb(project: str, name: str | None, save_dir: str, config: dict):
+    """``wandb.init`` of the run (online, or offline with ``WANDB_MODE=offline``); the caller checked the import."""
+    import wandb
+
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=project, name=name, dir=save_dir, config=config)

@@ -10,7 +10,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_solo.model import SoloConfig
 from megatron_solo.model.pipeline import build_model_chunks
-from megatron_solo.training.arguments import ParallelArgs, SchedulerArgs
+from megatron_solo.training.arguments import ParallelArgs, SchedulerArgs, TrainArgs
+from megatron_solo.training.errors import SetupError
 
 
 @dataclass
@@ -48,6 +49,8 @@ def build_model_and_optimizer(
     config.finalize_model_grads_func = finalize_model_grads
     one = len(chunks) == 1
     config.no_sync_func = chunks[0].no_sync if one else [c.no_sync for c in chunks]
+    if optim.fp16:  # Megatron-LM: the schedule scales the loss by the optimizer's (dynamic) loss scale
+        config.grad_scale_func = optimizer.scale_loss
     if parallel.overlap_grad_reduce:
         config.grad_sync_func = chunks[0].start_grad_sync if one else [c.start_grad_sync for c in chunks]
     if parallel.overlap_param_gather and parallel.use_distributed_optimizer:
@@ -55,28 +58,56 @@ def build_model_and_optimizer(
     return chunks, optimizer
 
 
-def build_scheduler(
-    optimizer, optim: OptimizerConfig, sched: SchedulerArgs, train_iters: int
-) -> OptimizerParamScheduler:
-    """Warm-up then ``lr_decay_style`` decay to ``min_lr`` over ``--lr-decay-iters`` (default ``--train-iters``).
-
-    Steps are iterations (``scheduler.step(1)`` per optimizer step). Weight decay is constant.
-    """
-    decay = sched.lr_decay_iters or train_iters
-    if sched.lr_warmup_iters >= decay:
-        raise ValueError(f"--lr-warmup-iters ({sched.lr_warmup_iters}) must be < the decay length ({decay})")
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=sched.lr_warmup_init,
+def schedule(optim: OptimizerConfig, sched: SchedulerArgs, train: TrainArgs) -> dict:
+    """The ``OptimizerParamScheduler`` arguments of the flags, in SAMPLES as Megatron-LM counts them (the scheduler
+    steps by the global batch size each iteration): decay over ``--lr-decay-samples`` (default ``--train-samples``)
+    or ``--lr-decay-iters`` x GBS (default ``--train-iters``); warm-up ``--lr-warmup-fraction`` of that, else
+    ``--lr-warmup-samples`` / ``--lr-warmup-iters`` x GBS. Weight decay is constant. Also what a resumed
+    checkpoint's schedule is compared with (plan.py)."""
+    gbs = train.global_batch_size
+    if train.train_samples is not None:
+        decay = sched.lr_decay_samples or train.train_samples
+        wd_steps = train.train_samples
+        warmup = sched.lr_warmup_samples
+    else:
+        decay = (sched.lr_decay_iters or train.train_iters) * gbs
+        wd_steps = train.train_iters * gbs
+        warmup = sched.lr_warmup_iters * gbs
+    if sched.lr_warmup_fraction is not None:
+        warmup = sched.lr_warmup_fraction * decay
+    return dict(
         max_lr=optim.lr,
         min_lr=optim.min_lr,
-        lr_warmup_steps=sched.lr_warmup_iters,
+        lr_warmup_steps=warmup,
         lr_decay_steps=decay,
         lr_decay_style=sched.lr_decay_style,
         start_wd=optim.weight_decay,
         end_wd=optim.weight_decay,
-        wd_incr_steps=decay,
+        wd_incr_steps=wd_steps,
         wd_incr_style="constant",
+    )
+
+
+def checked_schedule(optim: OptimizerConfig, sched: SchedulerArgs, train: TrainArgs) -> dict:
+    """:func:`schedule`, refusing a warm-up that is not shorter than the decay (SetupError)."""
+    steps = schedule(optim, sched, train)
+    if steps["lr_warmup_steps"] >= steps["lr_decay_steps"]:
+        raise SetupError(
+            f"the warm-up ({steps['lr_warmup_steps']:g} samples) must be shorter than the decay "
+            f"({steps['lr_decay_steps']} samples): lower --lr-warmup-iters / --lr-warmup-samples / --lr-warmup-fraction"
+        )
+    return steps
+
+
+def build_scheduler(
+    optimizer, optim: OptimizerConfig, sched: SchedulerArgs, train: TrainArgs
+) -> OptimizerParamScheduler:
+    """Megatron's ``OptimizerParamScheduler`` over :func:`schedule`; the loop steps it by GBS per iteration."""
+    steps = checked_schedule(optim, sched, train)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=sched.lr_warmup_init,
         use_checkpoint_opt_param_scheduler=sched.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=sched.override_opt_param_scheduler,
+        **steps,
     )

@@ -66,13 +66,13 @@ def text_ids() -> torch.Tensor:
 
 
 def load_solo(ckpt: Path, tp: int):
-    from megatron_solo.convert.checkpoint_io import load_model_weights, load_solo_config, resolve_iteration_dir
+    from megatron_solo import checkpoint
     from megatron_solo.model import build_solo_model
 
-    it_dir = resolve_iteration_dir(ckpt)
-    config, _ = load_solo_config(it_dir, tp)
+    found = checkpoint.open_checkpoint(ckpt)
+    config = found.solo_config(tp)
     model = build_solo_model(config)
-    load_model_weights(model, it_dir)
+    checkpoint.load_model_weights(model, found)
     return model.eval(), config
 
 
@@ -229,7 +229,7 @@ def _trainer_state(opt) -> dict:
 def roundtrip_tp2_train_export_matches_hf_processor():
     from transformers import AutoProcessor
 
-    from megatron_solo.convert.checkpoint_io import save_solo_checkpoint
+    from megatron_solo import checkpoint
     from megatron_solo.convert.export_hf import export_hf
     from megatron_solo.format.tokens import SoloTokenizer
 
@@ -244,9 +244,8 @@ def roundtrip_tp2_train_export_matches_hf_processor():
     model.eval()
     ours = full_logits(model, tokens, patches)
     assert (ours - before)[..., : config.vocab_size].abs().max() > 1e-2, "training did not change the model"
-    save_solo_checkpoint(
-        model, config, TMP / "solo_trained", iteration=3, tokenizer_model=tokenizer.path, extra=_trainer_state(opt)
-    )
+    sharded = {"model": model.sharded_state_dict(), **_trainer_state(opt)}
+    checkpoint.save(TMP / "solo_trained", 3, sharded, config, tokenizer_model=tokenizer.path)
     if _rank() == 0:
         torch.save({"tokens": tokens, "patches": patches, "logits": ours}, TMP / "trained_logits.pt")
     if _rank() == 0:

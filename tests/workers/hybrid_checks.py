@@ -72,21 +72,21 @@ def hybrid_matches_gpt_tp2_sequence_parallel():
 
 @checks.check
 def checkpoints_cross_load_between_gpt_and_hybrid():
-    from megatron_solo.convert.checkpoint_io import load_model_weights, resolve_iteration_dir, save_solo_checkpoint
+    from megatron_solo import checkpoint
 
     parallel.initialize(tensor_model_parallel_size=2)
     gpt = _model("gpt", 2, seed=5)
     want = _logits(gpt)
-    save_solo_checkpoint(gpt, gpt.config, TMP / "gpt_tp2")
+    checkpoint.save_model(gpt, gpt.config, TMP / "gpt_tp2")
     parallel.initialize(tensor_model_parallel_size=1)  # TP=1 x DP=2
     hybrid = _model("hybrid", 1, seed=9)  # other weights until loaded
     assert not torch.equal(_logits(hybrid), want[..., :VOCAB])
-    load_model_weights(hybrid, resolve_iteration_dir(TMP / "gpt_tp2"))
+    checkpoint.load_model_weights(hybrid, checkpoint.open_checkpoint(TMP / "gpt_tp2"))
     torch.testing.assert_close(_logits(hybrid), want, rtol=1e-5, atol=1e-5)  # TP reduction order only
-    save_solo_checkpoint(hybrid, hybrid.config, TMP / "hybrid_tp1")
+    checkpoint.save_model(hybrid, hybrid.config, TMP / "hybrid_tp1")
     parallel.initialize(tensor_model_parallel_size=2)
     back = _model("gpt", 2, seed=11)
-    load_model_weights(back, resolve_iteration_dir(TMP / "hybrid_tp1"))
+    checkpoint.load_model_weights(back, checkpoint.open_checkpoint(TMP / "hybrid_tp1"))
     gpt_state, back_state = full_state(gpt), full_state(back)  # gathered over TP
     assert len(gpt_state) == len(back_state) > 10
     for name, a in gpt_state.items():
