@@ -154,13 +154,13 @@ def cut_units(sizes: list[int], path: str, target_bytes: int, file_bytes: int | 
     file's size on disk; default the sum of ``sizes``), so extents of different kinds weigh alike."""
     total = sum(sizes)
     scale = (file_bytes / total) if file_bytes is not None and total else 1.0
-    out, start, acc = [], 0, 0
+    out, start, acc, done = [], 0, 0, 0  # done: bytes of the units before ``start``
     for k, size in enumerate(sizes):
         acc += size
         if acc >= target_bytes and k + 1 < len(sizes):
-            out.append(Extent(path, start, k + 1, nbytes=round(acc * scale)))
-            start, acc = k + 1, 0
-    return out + [Extent(path, start, None, nbytes=round(acc * scale))]
+            out.append(Extent(path, start, k + 1, nbytes=round((done + acc) * scale) - round(done * scale)))
+            start, done, acc = k + 1, done + acc, 0
+    return out + [Extent(path, start, None, nbytes=round((done + acc) * scale) - round(done * scale))]
 
 
 def read_lines(path: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
