@@ -49,7 +49,9 @@ setup(
         # scripts/install_lmms_eval.sh installs it.
         "eval": [*DEMO_EXTRAS, "pycocoevalcap"],
         # xxhash: the reference for our XXH64; datasets / webdataset: they write the source formats the tests read
-        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash", "pycocoevalcap", "datasets", "webdataset"],
+        # ray: `build --ray` (partitions as Ray tasks); pip install ray took 23-35 s on the 2-core box, so CI has it
+        "ray": ["ray>=2.9"],
+        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash", "pycocoevalcap", "datasets", "webdataset", "ray>=2.9"],
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={

@@ -30,6 +30,7 @@ from megatron_solo.data.blend import build_blend
 from megatron_solo.data.shards import ShardSet
 from megatron_solo.format.tokens import SoloTokenizer, train_sentencepiece
 from megatron_solo.preprocess.build import KILL_AT_RECORD_ENV, KILL_ONCE_ENV, BuildConfig, build
+from megatron_solo.preprocess.cli import main as cli_main
 from megatron_solo.preprocess.merge import MergeError, merge
 from megatron_solo.preprocess.partition import Partition, iter_plan_records, plan_partition
 from megatron_solo.preprocess.sources import iter_records, make_sources
@@ -219,7 +220,7 @@ def test_merged_partitions_hold_the_single_builds_documents(count, corpus, singl
     assert problems == [] and f"{merged['counts']['packs']} packs" in report
 
 
-def test_partition_resumes_on_its_own_byte_identical(corpus, tok_path, tmp_path):
+def test_partition_resumes_on_its_own_byte_identical(corpus, tok_path, tmp_path, cli):
     """A partition is its own resumable shard set: SIGKILL it mid-way (CLI), re-run, same bytes as uninterrupted."""
     d, specs, _ = corpus
     ref = tmp_path / "ref"
@@ -232,7 +233,7 @@ def test_partition_resumes_on_its_own_byte_identical(corpus, tok_path, tmp_path)
     args = _cli_build_args(out, specs, tok_path) + ["--partition", "1/3"]
     r = run_cli(args, {KILL_AT_RECORD_ENV: f"1:{kill_at}"})
     assert r.returncode == -9, r.stderr
-    r = run_cli(args)
+    r = cli(args)
     assert r.returncode == 0, r.stderr
     assert "kept 1 verified shard" in r.stderr and "merge" in r.stdout
     assert _tree(out / Partition(1, 3).name) == _tree(ref_part)
@@ -250,19 +251,38 @@ def _cli_build_args(out: Path, specs: list[str], tok_path: Path, workers: int = 
     return args
 
 
+class Cli:
+    """``main(argv)`` in this process (a fresh interpreter costs seconds): exit code, stdout, stderr."""
+
+    def __init__(self, capsys):
+        self.capsys = capsys
+
+    def __call__(self, args: list[str]) -> subprocess.CompletedProcess:
+        self.capsys.readouterr()
+        code = cli_main(args)
+        out = self.capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+@pytest.fixture
+def cli(capsys) -> Cli:
+    return Cli(capsys)
+
+
 def run_cli(args: list[str], env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real entry point in a fresh process (for the runs that SIGKILL themselves)."""
     e = {k: v for k, v in os.environ.items() if not k.startswith("SOLO_PREPROCESS_")} | (env or {})
     return subprocess.run([sys.executable, "-m", "tools.preprocess", *args], capture_output=True, text=True, cwd=ROOT,
                           env=e, timeout=timeout)  # fmt: skip
 
 
-def test_local_partitions_retry_a_killed_partition_byte_identical(corpus, tok_path, tmp_path):
+def test_local_partitions_retry_a_killed_partition_byte_identical(corpus, tok_path, tmp_path, cli, monkeypatch):
     """``build --partitions 3 --local-partitions 2``: one partition's process is SIGKILLed on its first attempt, the
     launcher starts it again, it resumes; the merged set equals the uninterrupted partitioned build's, byte for
     byte, and validate / inspect / the blend read it."""
     d, specs, n = corpus
     ref = tmp_path / "ref"
-    r = run_cli(_cli_build_args(ref, specs, tok_path) + ["--partitions", "3", "--local-partitions", "2"])
+    r = cli(_cli_build_args(ref, specs, tok_path) + ["--partitions", "3", "--local-partitions", "2"])
     assert r.returncode == 0, r.stderr
     assert f"from {n:,} records" in r.stdout
     mans = [json.loads((ref / Partition(k, 3).name / "manifest.json").read_text()) for k in range(3)]
@@ -270,36 +290,38 @@ def test_local_partitions_retry_a_killed_partition_byte_identical(corpus, tok_pa
     assert len(mans[k]["shards"]) >= 2
     kill_at = mans[k]["shards"][1]["records"][0] + 1  # inside its second shard
     out = tmp_path / "killed"
-    env = {KILL_AT_RECORD_ENV: f"{k}:{kill_at}", KILL_ONCE_ENV: str(tmp_path / "once")}
-    r = run_cli(_cli_build_args(out, specs, tok_path) + ["--partitions", "3", "--local-partitions", "2"], env)
+    monkeypatch.setenv(KILL_AT_RECORD_ENV, f"{k}:{kill_at}")  # (the launcher hands SOLO_PREPROCESS_* on)
+    monkeypatch.setenv(KILL_ONCE_ENV, str(tmp_path / "once"))
+    r = cli(_cli_build_args(out, specs, tok_path) + ["--partitions", "3", "--local-partitions", "2"])
     assert r.returncode == 0, r.stderr
     assert f"partition {k}/3: process ended by signal 9; retrying" in r.stderr
+    assert f"partition {k}/3: resume: kept 1 verified shard(s)" in r.stderr
     assert _tree(out) == _tree(ref)
-    r = run_cli(["validate", str(out)])
+    r = cli(["validate", str(out)])
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
     png = tmp_path / "pack.png"
     ss = ShardSet(out)
     last = len(ss) - 1  # a pack of the last partition
-    r = run_cli(["inspect", str(out), "--pack", str(last), "--out", str(png)])
+    r = cli(["inspect", str(out), "--pack", str(last), "--out", str(png)])
     assert r.returncode == 0 and png.exists(), r.stderr
     blend = build_blend([str(out)], seed=1)
     assert len(blend) == len(ss) == json.loads((out / "manifest.json").read_text())["counts"]["packs"]
     assert sorted(blend.source_of(g)[1] for g in range(len(blend))) == list(range(len(ss)))
 
 
-def test_slurm_flow_partition_tasks_then_merge_cli(corpus, single, tok_path, tok, tmp_path):
+def test_slurm_flow_partition_tasks_then_merge_cli(corpus, single, tok_path, tok, tmp_path, cli):
     """What examples/preprocess_slurm.sbatch runs: one ``build --partition K/N`` per array task (any order), then
     ``merge OUT``, which refuses to merge until every partition is there."""
     d, specs, n = corpus
     out = tmp_path / "slurm"
     for k in (1, 0):
-        r = run_cli(_cli_build_args(out, specs, tok_path) + ["--partition", f"{k}/3"])
+        r = cli(_cli_build_args(out, specs, tok_path) + ["--partition", f"{k}/3"])
         assert r.returncode == 0, r.stderr
-    r = run_cli(["merge", str(out)])
+    r = cli(["merge", str(out)])
     assert r.returncode == 2 and "lacks partition(s) 2/3" in r.stderr, r.stderr
-    r = run_cli(_cli_build_args(out, specs, tok_path) + ["--partition", "2/3"])
+    r = cli(_cli_build_args(out, specs, tok_path) + ["--partition", "2/3"])
     assert r.returncode == 0, r.stderr
-    r = run_cli(["merge", str(out)])
+    r = cli(["merge", str(out)])
     assert r.returncode == 0, r.stderr
     assert "merged 3 shard set(s)" in r.stdout and f"from {n:,} records" in r.stdout
     assert documents_by_id(out, tok) == single[2]
@@ -353,11 +375,11 @@ def test_merge_appends_new_data_and_refuses_what_does_not_fit(corpus, tok_path, 
         merge(extra, [out])
 
 
-def test_partition_spec_errors(corpus, tok_path, tmp_path):
+def test_partition_spec_errors(corpus, tok_path, tmp_path, cli):
     d, specs, _ = corpus
-    r = run_cli(_cli_build_args(tmp_path / "o", specs[:1], tok_path) + ["--partition", "3/3"])
+    r = cli(_cli_build_args(tmp_path / "o", specs[:1], tok_path) + ["--partition", "3/3"])
     assert r.returncode == 2 and "0 <= K < N" in r.stderr
-    r = run_cli(_cli_build_args(tmp_path / "o", specs[:1], tok_path) + ["--partition", "1/2", "--partitions", "2"])
+    r = cli(_cli_build_args(tmp_path / "o", specs[:1], tok_path) + ["--partition", "1/2", "--partitions", "2"])
     assert r.returncode == 2 and "--partition K/N builds one partition" in r.stderr
-    r = run_cli(_cli_build_args(tmp_path / "o", specs[:1], tok_path) + ["--ray"])
+    r = cli(_cli_build_args(tmp_path / "o", specs[:1], tok_path) + ["--ray"])
     assert r.returncode == 2 and "--ray needs --partitions N" in r.stderr

@@ -165,6 +165,10 @@ def build_partitioned(
         m = min(count, at_once if at_once else available_cpus())
         outcomes = run_local(cfg, count, max(1, m), retries, cfg.quiet)
     _raise_failures(outcomes, count)
+    for o in outcomes:  # what a retried partition kept (its build's resume line)
+        for line in o.tail.splitlines():
+            if line.startswith("resume:"):
+                print(f"partition {o.index}/{count}: {line}", file=sys.stderr)
     manifest = merge(cfg.out)
     found = problems(manifest, cfg.max_skip_fraction)
     if found:
