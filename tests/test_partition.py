@@ -383,3 +383,32 @@ def test_partition_spec_errors(corpus, tok_path, tmp_path, cli):
     assert r.returncode == 2 and "--partition K/N builds one partition" in r.stderr
     r = cli(_cli_build_args(tmp_path / "o", specs[:1], tok_path) + ["--ray"])
     assert r.returncode == 2 and "--ray needs --partitions N" in r.stderr
+
+
+@pytest.mark.dist
+def test_demo_trains_from_a_merged_set_of_3_partitions(tmp_path):
+    """The demo's train split built as 3 partitions on this machine and merged; validate and inspect read it and
+    pretrain_solo.py trains from it (``--data-path`` of the merged directory: one set)."""
+    from megatron_solo.preprocess.demo import build_demo_shards
+    from megatron_solo.preprocess.inspect_pack import render_pack
+    from tests.dist import REPO, torchrun_cmd, torchrun_env
+
+    res = build_demo_shards(tmp_path / "demo", seq_length=256, partitions=3)
+    train = Path(res["train"])
+    man = res["train_manifest"]
+    assert [s["path"] for s in man["merged"]["sets"]] == [Partition(k, 3).name for k in range(3)]
+    assert man["skipped"]["total"] == 0 and man["counts"]["images"] > 0
+    problems, _ = validate(train)
+    assert problems == []
+    assert "wrote" in render_pack(train, len(ShardSet(train)) - 1, tmp_path / "last.png", tokenizer=res["tokenizer"])
+    metrics = tmp_path / "metrics.jsonl"
+    flags = ["--model", "debug", "--data-path", str(train), "--valid-data-path", res["valid"], "--micro-batch-size",
+             "1", "--global-batch-size", "2", "--train-iters", "4", "--lr", "3e-3", "--lr-warmup-iters", "1",
+             "--eval-interval", "4", "--eval-iters", "1", "--seed", "7", "--metrics-log", str(metrics)]  # fmt: skip
+    r = subprocess.run(torchrun_cmd("pretrain_solo.py", 1, flags), cwd=REPO, env=torchrun_env(), capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    records = [json.loads(ln) for ln in metrics.read_text().splitlines()]
+    losses = [x["loss"] for x in records if x["kind"] == "train"]
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    assert f"{len(ShardSet(train))} packs" in r.stdout + r.stderr

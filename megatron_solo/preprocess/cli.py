@@ -128,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True)
     d.add_argument("--seq-length", type=int, default=1024)
     d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--partitions", type=int, default=1, help="build the train split as N partitions, merged")
     d.add_argument("--quiet", action="store_true")
     return p
 
@@ -249,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         from megatron_solo.preprocess.demo import run_demo
 
-        return run_demo(args.out, args.seq_length, quiet=args.quiet, workers=args.workers)
+        return run_demo(args.out, args.seq_length, quiet=args.quiet, workers=args.workers, partitions=args.partitions)
     except (BuildError, SourceError, TokenizerError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
