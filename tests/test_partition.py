@@ -309,22 +309,48 @@ def test_local_partitions_retry_a_killed_partition_byte_identical(corpus, tok_pa
     assert sorted(blend.source_of(g)[1] for g in range(len(blend))) == list(range(len(ss)))
 
 
-def test_slurm_flow_partition_tasks_then_merge_cli(corpus, single, tok_path, tok, tmp_path, cli):
-    """What examples/preprocess_slurm.sbatch runs: one ``build --partition K/N`` per array task (any order), then
-    ``merge OUT``, which refuses to merge until every partition is there."""
+def _sbatch(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    """examples/preprocess_slurm.sbatch run by bash with the variables SLURM would set (no SLURM here)."""
+    e = os.environ | {"SOLO_PYTHON": sys.executable, "SLURM_CPUS_PER_TASK": "1"} | env
+    return subprocess.run(["bash", str(ROOT / "examples" / "preprocess_slurm.sbatch"), *args], capture_output=True,
+                          text=True, cwd=ROOT, env=e, timeout=300)  # fmt: skip
+
+
+def test_slurm_array_tasks_then_merge(corpus, single, tok_path, tok, tmp_path, cli):
+    """examples/preprocess_slurm.sbatch as the array tasks run it (any order, --cpus-per-task 1: no decode
+    workers), then as the merge job; merging refuses until every partition is there. The submit script's two sbatch
+    commands (DRY_RUN) carry the same flags; both scripts pass bash -n and shellcheck (where installed)."""
     d, specs, n = corpus
     out = tmp_path / "slurm"
-    for k in (1, 0):
-        r = cli(_cli_build_args(out, specs, tok_path) + ["--partition", f"{k}/3"])
+    build_args = _cli_build_args(out, specs, tok_path)[1:]
+    build_args.remove("--workers")
+    build_args.remove("0")
+    for k in (2, 0):
+        r = _sbatch(["build", *build_args], {"SLURM_ARRAY_TASK_ID": str(k), "PARTITIONS": "3"})
         assert r.returncode == 0, r.stderr
+        assert f"partition {k}/3 written to {out / Partition(k, 3).name}" in r.stdout
     r = cli(["merge", str(out)])
-    assert r.returncode == 2 and "lacks partition(s) 2/3" in r.stderr, r.stderr
-    r = cli(_cli_build_args(out, specs, tok_path) + ["--partition", "2/3"])
+    assert r.returncode == 2 and "lacks partition(s) 1/3" in r.stderr, r.stderr
+    r = _sbatch(["build", *build_args], {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MAX": "2"})  # N from the array
     assert r.returncode == 0, r.stderr
-    r = cli(["merge", str(out)])
+    r = _sbatch(["merge", str(out)], {})
     assert r.returncode == 0, r.stderr
     assert "merged 3 shard set(s)" in r.stdout and f"from {n:,} records" in r.stdout
     assert documents_by_id(out, tok) == single[2]
+    submit = ROOT / "examples" / "preprocess_slurm_submit.sh"
+    r = subprocess.run(["bash", str(submit), "3", *build_args], capture_output=True, text=True,
+                       env=os.environ | {"DRY_RUN": "1"}, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    array_cmd, merge_cmd = r.stdout.strip().splitlines()
+    assert "--array=0-2" in array_cmd and "PARTITIONS=3" in array_cmd and "preprocess_slurm.sbatch build" in array_cmd
+    assert f"--out {out}" in array_cmd
+    assert "--dependency=afterok:JOBID" in merge_cmd and merge_cmd.rstrip().endswith(f"merge {out}")
+    scripts = [str(submit), str(ROOT / "examples" / "preprocess_slurm.sbatch")]
+    for script in scripts:
+        assert subprocess.run(["bash", "-n", script]).returncode == 0
+    if shutil.which("shellcheck"):
+        r = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout
 
 
 def test_merge_appends_new_data_and_refuses_what_does_not_fit(corpus, tok_path, tok, tmp_path):
