@@ -38,7 +38,7 @@ def main() -> None:
             f"--train-iters {2 * reps + 2} --lr 1e-3 --use-distributed-optimizer".split()
         )
         trainer = Trainer(args)
-        model = trainer.ddp
+        model = trainer.model[0]  # the one model chunk (no pipeline)
         step_times, bare_times = [], []
         for rep in range(reps + 1):
             t0 = time.perf_counter()

@@ -171,3 +171,70 @@ def test_solo_recipe_fits_80gb_and_cli(capsys):
     assert "fits" in out and "DOES NOT FIT" not in out and "MFU" in out and "[1024]" in out
     with pytest.raises(ValueError, match="recompute_granularity"):
         est.Layout(recompute_granularity="most")
+
+
+# ---- pipeline parallelism -----------------------------------------------------------------------------------
+def test_stage_params_equal_built_stage_models(debug_model):
+    """Each stage's count equals a built SoloModel holding that stage's parts (L/PP layers; embedding + projector
+    only where pre_process, final norm + output layer only where post_process)."""
+    cfg = debug(vocab_size=32005, num_layers=4)
+    layout = est.Layout(pipeline_model_parallel_size=2)
+    half = debug(vocab_size=32005, num_layers=2)  # a one-process model with one stage's layer count
+    built = [
+        sum(p.numel() for p in SoloModel(half, pre_process=pre, post_process=post).parameters())
+        for pre, post in ((True, False), (False, True))
+    ]
+    assert [est.stage_param_count(cfg, layout, r) for r in (0, 1)] == built
+    whole = est.param_counts(cfg, 1)["per_rank"]
+    assert sum(built) == whole and est.stage_param_count(cfg, est.Layout(), 0) == whole
+
+
+@pytest.mark.parametrize("pp,vpp,m", [(4, None, 8), (4, None, 2), (2, 2, 4), (4, 4, 16), (4, 2, 1)])
+def test_inflight_microbatches_follow_megatrons_schedule(pp, vpp, m):
+    from types import SimpleNamespace
+
+    from megatron.core.pipeline_parallel.schedules import get_pp_rank_microbatches
+
+    layout = est.Layout(pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp, global_batch_size=m)
+    for r in range(pp):
+        comm = SimpleNamespace(pp_group=SimpleNamespace(size=lambda: pp, rank=lambda r=r: r))
+        comm.virtual_pipeline_model_parallel_size = vpp
+        total, _, warmup, _ = get_pp_rank_microbatches(m, vpp or 1, pp, p2p_communicator=comm)
+        assert est.inflight_chunk_microbatches(layout, r) == min(warmup + 1, total)
+
+
+def test_pipeline_splits_model_state_and_keeps_megatrons_activation_rule():
+    cfg = solo_7b(tensor_model_parallel_size=2, use_cpu_initialization=True)
+    base = dict(tensor_model_parallel_size=2, data_parallel_size=1, seq_length=32768, global_batch_size=64)
+    one = est.estimate_memory(cfg, est.Layout(**base))
+    stages = est.estimate_stages(cfg, est.Layout(**base, pipeline_model_parallel_size=4))
+    assert sum(s["params_per_rank"] for s in stages) == one["params_per_rank"]
+    assert max(s["model_state"] for s in stages) < one["model_state"] / 3.5
+    # 1F1B: stage 0 holds PP micro-batches x L/PP layers = the activations of all L layers (Megatron)
+    assert stages[0]["act_layers_stored"] == one["act_layers_stored"]
+    assert stages[0]["act_logits_and_loss"] == 0 < stages[3]["act_logits_and_loss"] == one["act_logits_and_loss"]
+    assert [s["act_layers_stored"] for s in stages] == sorted((s["act_layers_stored"] for s in stages), reverse=True)
+    # interleaved: 1 + (PP - 1) / (PP V) times that on stage 0 (Megatron's theoretical memory)
+    v4 = est.estimate_memory(
+        cfg, est.Layout(**base, pipeline_model_parallel_size=4, virtual_pipeline_model_parallel_size=4)
+    )
+    assert v4["act_layers_stored"] == pytest.approx(one["act_layers_stored"] * (1 + 3 / 16))
+
+
+def test_pipeline_bubble():
+    lay = lambda **kw: est.Layout(global_batch_size=64, **kw)  # noqa: E731 - 64 micro-batches (MBS 1, DP 1)
+    assert est.pipeline_bubble(lay()) == 0
+    assert est.pipeline_bubble(lay(pipeline_model_parallel_size=4)) == pytest.approx(3 / 67)
+    v4 = est.pipeline_bubble(lay(pipeline_model_parallel_size=4, virtual_pipeline_model_parallel_size=4))
+    assert v4 == pytest.approx(3 / (4 * 64 + 3)) and v4 < est.pipeline_bubble(lay(pipeline_model_parallel_size=4)) / 3
+    with pytest.raises(ValueError, match="global_batch_size"):
+        est.pipeline_bubble(est.Layout(pipeline_model_parallel_size=2))
+
+
+def test_cli_pipeline_table(capsys):
+    argv = "--model solo-7b --tp 2 --pp 4 --dp 2 --seq-length 32768 --global-batch-size 128 --bf16"
+    est.main((argv + " --use-distributed-optimizer --recompute full --recompute-num-layers 4 --vpp 4").split())
+    out = capsys.readouterr().out
+    assert "TP=2 x PP=4 (x4 virtual) x DP=2" in out and "pipeline stage 3 (the largest)" in out
+    assert "4.5% of the step with 1F1B, 1.2% interleaved over 4 virtual stages" in out
+    assert len([line for line in out.splitlines() if line.startswith("    ") and " B  " in line]) == 4

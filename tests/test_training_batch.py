@@ -125,3 +125,110 @@ def test_flags_map_to_component_configs():
     assert (cfg.hidden_size, cfg.tensor_model_parallel_size, cfg.seq_length) == (128, 2, 256)
     assert (cfg.recompute_granularity, cfg.recompute_method, cfg.recompute_num_layers) == ("full", "uniform", 1)
     assert cfg.calculate_per_token_loss and cfg.vpatch_id == 1001 and cfg.max_position_embeddings == 256
+
+
+class _NoRead:
+    """Patches whose bytes cannot be read (a stage that does not need them must not touch them): a length only."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("patches were read")
+
+
+def _demo_packs(n: int) -> list[Pack]:
+    d0 = [BOS, TXT, VIS, VPATCH, VPATCH, 1004, TXT + 2, EOS]
+    return [_pack([d0, [BOS, TXT + r, EOS]][: 1 + r % 2], 16, {0: 2}) for r in range(n)]
+
+
+def test_collate_reads_only_what_the_pipeline_stage_needs():
+    from megatron_solo.model.pipeline import StageNeeds
+
+    packs = _demo_packs(2)
+    full = to_solo_batch(collate(packs))
+    unread = [Pack(p.tokens, p.targets, _NoRead(2), p.cu_seqlens, p.doc_has_image) for p in packs]
+    with pytest.raises(AssertionError, match="patches were read"):  # the guard works
+        collate(unread)
+    middle = to_solo_batch(collate(unread, StageNeeds(inputs=False, targets=False)))
+    last = to_solo_batch(collate(unread, StageNeeds(inputs=False, targets=True)))
+    first = to_solo_batch(collate(packs, StageNeeds(inputs=True, targets=False)))
+    for b in (middle, last, first):  # every stage: the packed-attention segments and the accounting
+        assert torch.equal(b.cu_seqlens, full.cu_seqlens) and b.max_seqlen == full.max_seqlen
+        assert (b.shape, b.num_patches, b.pad_tokens, b.doc_lengths) == ((2, 16), 4, full.pad_tokens, full.doc_lengths)
+    assert middle.tokens is middle.patches is middle.loss_mask is middle.vision_doc_mask is None
+    assert (
+        last.patches is None and torch.equal(last.labels, full.labels) and torch.equal(last.loss_mask, full.loss_mask)
+    )
+    assert torch.equal(last.vision_doc_mask, full.vision_doc_mask)
+    assert (
+        first.loss_mask is None and torch.equal(first.tokens, full.tokens) and torch.equal(first.patches, full.patches)
+    )
+    assert torch.equal(first.position_ids, full.position_ids)
+
+
+class _Packs:
+    """A dataset of packs that records which samples were read (and can fail on one)."""
+
+    def __init__(self, n: int, bad: int | None = None):
+        self.packs, self.bad, self.read = _demo_packs(n), bad, []
+
+    def __len__(self) -> int:
+        return len(self.packs)
+
+    def __getitem__(self, g: int) -> Pack:
+        if g == self.bad:
+            raise ValueError(f"corrupt pack {g}")
+        self.read.append(g)
+        return self.packs[g]
+
+
+def _same(a, b) -> bool:
+    return all(
+        torch.equal(x.tokens, y.tokens)
+        and torch.equal(x.patches, y.patches)
+        and torch.equal(x.cu_seqlens, y.cu_seqlens)
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def test_prefetching_loader_keeps_the_exact_order_across_steps_and_jumps():
+    from megatron_solo import parallel
+    from megatron_solo.data.batch import BatchLoader
+
+    parallel.initialize(tensor_model_parallel_size=1)
+    data = _Packs(40)
+    sync = BatchLoader(data, 4, 2, prefetch=False)
+    ahead = BatchLoader(data, 4, 2, prefetch=True)
+    try:
+        # consecutive steps, then a jump (a resume / another position), then a step back
+        for consumed in (0, 4, 8, 20, 24, 4):
+            assert _same(ahead.step(consumed), sync.step(consumed)), consumed
+        data.read.clear()
+        ahead.step(28)  # was not prefetched (the last step asked for 4): read now, then 32..35 in the background
+        ahead._ahead[1].result()
+        assert data.read == list(range(28, 36))
+        data.read.clear()
+        assert _same(ahead.step(32, next_consumed=0), sync.step(32))  # prefetched; then step 0 (as evaluate does)
+        ahead._ahead[1].result()
+        assert sorted(data.read) == [*range(4), *range(32, 36)]  # the synchronous 32..35, the prefetched 0..3
+        assert _same(ahead.step(0), sync.step(0))
+    finally:
+        ahead.close()
+
+
+def test_prefetching_loader_raises_a_reader_error_in_the_step_that_needs_it():
+    from megatron_solo import parallel
+    from megatron_solo.data.batch import BatchLoader
+
+    parallel.initialize(tensor_model_parallel_size=1)
+    loader = BatchLoader(_Packs(40, bad=6), 4, 2, prefetch=True)
+    try:
+        loader.step(0)  # fine; samples 4..7 (with the bad one) are read in the background
+        with pytest.raises(ValueError, match="corrupt pack 6"):
+            loader.step(4)
+    finally:
+        loader.close()

@@ -4,7 +4,8 @@
         --global-batch-size 128 --use-distributed-optimizer --bf16 --recompute-granularity full \\
         --recompute-num-layers 4 --tokens-per-sec 20000 --num-gpus 8 --gpu a100 --doc-length 32768
 
-Only the recipe's config is instantiated (no model, no process group). Accounting, per GPU, pipeline size 1:
+Only the recipe's config is instantiated (no model, no process group). Accounting, per GPU (per pipeline stage with
+``--pp``):
 
 - weights + grads + optimizer: Megatron's bytes per parameter (docs "Distributed Optimizer"): bf16 params with fp32
   main grads (``grad_reduce_in_fp32``, Megatron-LM's default under bf16) 18 = 2 + 4 + 12, distributed 6 + 12/DP;
@@ -16,11 +17,17 @@ Only the recipe's config is instantiated (no model, no process group). Accountin
 - logits / loss: vocab-parallel logits ``[s, b, V/TP]`` in the compute dtype plus the fp32 copy the cross entropy
   keeps for backward (megatron.core.tensor_parallel.cross_entropy).
 - FLOPs: 6 x (matmul params) per token + causal, window-aware attention (``flops_per_token``).
+- pipeline (``--pp``, ``--vpp``): each stage holds L/PP layers (embedding + projector on the first, final norm +
+  output layer + logits on the last) and the activations of the micro-batches in flight under Megatron's 1F1B
+  schedule: ``min(PP - r, M)`` on stage r; interleaved, ``(PP - r - 1) * 2 + (V - 1) * PP + 1`` chunk-micro-batches
+  of L/(PP V) layers (Megatron's warm-up count), i.e. ``1 + (PP - 1)/(PP V)`` times the layers' activations on
+  stage 0. Bubble: ``(PP - 1) / (V M + PP - 1)`` of the step (``pipeline_bubble``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,6 +56,9 @@ class Layout:
     recompute_granularity: str | None = None  # None, "full" or "selective" (core attention)
     recompute_method: str = "uniform"  # "uniform" or "block" (as Megatron-LM)
     recompute_num_layers: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    """Model chunks per pipeline rank (interleaved 1F1B); None = one."""
 
     def __post_init__(self) -> None:
         if self.recompute_granularity not in (None, "full", "selective"):
@@ -60,11 +70,30 @@ class Layout:
                 raise ValueError(f"{name} must be >= 1")
         if self.recompute_num_layers < 1:
             raise ValueError("recompute_num_layers must be >= 1")
+        if self.pipeline_model_parallel_size < 1 or (self.virtual_pipeline_model_parallel_size or 1) < 1:
+            raise ValueError("pipeline_model_parallel_size and virtual_pipeline_model_parallel_size must be >= 1")
+        if self.vpp > 1 and self.pipeline_model_parallel_size < 2:
+            raise ValueError("virtual pipeline stages need pipeline_model_parallel_size >= 2")
 
     @property
     def sp(self) -> int:
         """Divisor of the sequence-parallel (norm / residual side) activations."""
         return self.tensor_model_parallel_size if self.sequence_parallel else 1
+
+    @property
+    def pp(self) -> int:
+        return self.pipeline_model_parallel_size
+
+    @property
+    def vpp(self) -> int:
+        return self.virtual_pipeline_model_parallel_size or 1
+
+    @property
+    def num_microbatches(self) -> int | None:
+        """Micro-batches per step and DP rank (``GBS / (MBS x DP)``), if the global batch size is known."""
+        if self.global_batch_size is None:
+            return None
+        return max(self.global_batch_size // (self.micro_batch_size * self.data_parallel_size), 1)
 
 
 # ---- parameters ---------------------------------------------------------------------------------------------
@@ -97,6 +126,43 @@ def param_counts(cfg: SoloConfig, tensor_model_parallel_size: int = 1) -> dict[s
     split = out["embedding"] + out["output_layer"] + out["projector"] + cfg.num_layers * per_layer_split
     out["per_rank"] = split // tp + cfg.num_layers * 2 * norm + norm
     return out
+
+
+def stage_param_count(cfg: SoloConfig, layout: Layout, stage: int = 0) -> int:
+    """Parameters one GPU of pipeline rank ``stage`` holds: its L/PP layers (TP-split, norms replicated), plus the
+    word embedding and projector on the first rank, the final norm and output layer on the last (untied)."""
+    tp, pp = layout.tensor_model_parallel_size, layout.pp
+    if cfg.num_layers % (pp * layout.vpp):
+        raise ValueError(f"num_layers {cfg.num_layers} is not divisible by PP x VPP = {pp} x {layout.vpp}")
+    if not 0 <= stage < pp:
+        raise ValueError(f"stage {stage} outside 0..{pp - 1}")
+    c = param_counts(cfg, tp)
+    norm = c["final_norm"]
+    out = (cfg.num_layers // pp) * ((c["per_layer"] - 2 * norm) // tp + 2 * norm)
+    if stage == 0:
+        out += (c["embedding"] + c["projector"]) // tp
+    if stage == pp - 1:
+        out += c["output_layer"] // tp + norm
+    return out
+
+
+def inflight_chunk_microbatches(layout: Layout, stage: int = 0) -> int:
+    """Model-chunk micro-batches whose activations pipeline rank ``stage`` holds at its peak (Megatron's warm-up
+    count + 1): ``PP - r`` under 1F1B, ``(PP - r - 1) * 2 + (V - 1) * PP + 1`` interleaved; at most all of them."""
+    pp, v, m = layout.pp, layout.vpp, layout.num_microbatches
+    n = (pp - stage - 1) * 2 + (v - 1) * pp + 1 if v > 1 else pp - stage
+    return n if m is None else min(n, m * v)
+
+
+def pipeline_bubble(layout: Layout) -> float:
+    """Idle fraction of a step on a pipeline: ``(PP - 1) / (V M + PP - 1)`` (Narayanan et al. 2021; 0 at PP=1).
+    Needs the number of micro-batches (global batch size)."""
+    if layout.pp == 1:
+        return 0.0
+    m = layout.num_microbatches
+    if m is None:
+        raise ValueError("the pipeline bubble needs global_batch_size (the number of micro-batches)")
+    return (layout.pp - 1) / (layout.vpp * m + layout.pp - 1)
 
 
 def state_bytes_per_param(layout: Layout) -> dict[str, float]:
@@ -139,11 +205,16 @@ def layer_activation_bytes(cfg: SoloConfig, layout: Layout) -> dict[str, float]:
     return out
 
 
-def activation_bytes(cfg: SoloConfig, layout: Layout) -> dict[str, float]:
-    """Peak activation bytes per GPU for one micro-batch in flight (pipeline size 1)."""
+def activation_bytes(cfg: SoloConfig, layout: Layout, stage: int = 0) -> dict[str, float]:
+    """Peak activation bytes per GPU of pipeline rank ``stage`` (all of them at PP=1 with one micro-batch in flight):
+    the in-flight chunk-micro-batches (:func:`inflight_chunk_microbatches`) x what a chunk of L/(PP V) layers keeps,
+    one recompute group live in backward, the logits on the last rank (one micro-batch: the last stage runs each
+    micro-batch's backward right after its forward; an approximation when interleaved)."""
     e = 2 if layout.bf16 else 4
     sb = layout.seq_length * layout.micro_batch_size
-    h, n = cfg.hidden_size, cfg.num_layers
+    h, n = cfg.hidden_size, cfg.num_layers // (layout.pp * layout.vpp)
+    first, last = stage == 0, stage == layout.pp - 1
+    chunks = inflight_chunk_microbatches(layout, stage)
     per_layer = sum(layer_activation_bytes(cfg, layout).values())
     layer_input = e * sb * h / layout.sp
     k = min(layout.recompute_num_layers, n)
@@ -161,21 +232,22 @@ def activation_bytes(cfg: SoloConfig, layout: Layout) -> dict[str, float]:
     # largest backward temporaries of a layer: grads of fc1 out / fc2 in and the re-gathered (SP) linear input
     transient = e * sb * ((fc1_out + cfg.ffn_hidden_size) / t + (h if layout.sp > 1 else 0))
     return dict(
-        layers_stored=stored,
+        layers_stored=chunks * stored,
         recompute_working=working,
         backward_transient=transient,
-        embedding=8 * sb,  # int64 token ids (the embedding output is layer 0's input)
-        final_norm_and_output_input=2 * e * sb * h / layout.sp,
-        logits_and_loss=logits,
+        embedding=8 * sb * chunks if first else 0.0,  # int64 token ids (the embedding output is layer 0's input)
+        final_norm_and_output_input=2 * e * sb * h / layout.sp if last else 0.0,
+        logits_and_loss=logits if last else 0.0,
     )
 
 
-def estimate_memory(cfg: SoloConfig, layout: Layout) -> dict[str, float]:
-    """Per-GPU memory in bytes: params, grads, optimizer, each activation part, and total (no allocator reserve)."""
-    n = param_counts(cfg, layout.tensor_model_parallel_size)["per_rank"]
+def estimate_memory(cfg: SoloConfig, layout: Layout, stage: int = 0) -> dict[str, float]:
+    """Per-GPU memory in bytes of pipeline rank ``stage``: params, grads, optimizer, each activation part, and total
+    (no allocator reserve)."""
+    n = stage_param_count(cfg, layout, stage)
     per = state_bytes_per_param(layout)
     out = {name: n * b for name, b in per.items()}
-    act = activation_bytes(cfg, layout)
+    act = activation_bytes(cfg, layout, stage)
     out.update({f"act_{k}": v for k, v in act.items()})
     out["activations"] = sum(act.values())
     out["model_state"] = out["params"] + out["grads"] + out["optimizer"]
@@ -183,6 +255,11 @@ def estimate_memory(cfg: SoloConfig, layout: Layout) -> dict[str, float]:
     out["params_per_rank"] = float(n)
     out["bytes_per_param"] = sum(per.values())
     return out
+
+
+def estimate_stages(cfg: SoloConfig, layout: Layout) -> list[dict[str, float]]:
+    """:func:`estimate_memory` of every pipeline rank (the largest decides whether the layout fits)."""
+    return [estimate_memory(cfg, layout, r) for r in range(layout.pp)]
 
 
 # ---- FLOPs --------------------------------------------------------------------------------------------------
@@ -248,6 +325,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="solo-7b", help="model recipe (solo-7b, tiny, debug)")
     p.add_argument("--tp", "--tensor-model-parallel-size", dest="tp", type=int, default=1)
     p.add_argument("--dp", "--data-parallel-size", dest="dp", type=int, default=1)
+    p.add_argument("--pp", "--pipeline-model-parallel-size", dest="pp", type=int, default=1)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--vpp", "--virtual-pipeline-model-parallel-size", dest="vpp", type=int, default=None)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None, help="alternative to --vpp")
     p.add_argument("--seq-length", type=int, default=None, help="default: the recipe's")
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--global-batch-size", type=int, default=None)
@@ -261,7 +342,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     p.add_argument("--recompute-num-layers", type=int, default=1)
     p.add_argument("--tokens-per-sec", type=float, default=None, help="measured throughput (all GPUs) for MFU")
-    p.add_argument("--num-gpus", type=int, default=None, help="default: tp * dp")
+    p.add_argument("--num-gpus", type=int, default=None, help="default: tp * pp * dp")
     p.add_argument("--gpu", choices=sorted(PEAK_BF16_FLOPS), default="a100")
     p.add_argument("--doc-length", type=int, action="append", help="document length(s) of a pack (repeatable)")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0)
@@ -272,7 +353,12 @@ def _parser() -> argparse.ArgumentParser:
 def report(args: argparse.Namespace) -> str:
     cfg = recipe(args.model, tensor_model_parallel_size=args.tp, use_cpu_initialization=True)
     seq = args.seq_length or cfg.seq_length
+    vpp = args.vpp
+    if args.num_layers_per_virtual_pipeline_stage:
+        vpp = cfg.num_layers // (args.pp * args.num_layers_per_virtual_pipeline_stage)
     layout = Layout(
+        pipeline_model_parallel_size=args.pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
         tensor_model_parallel_size=args.tp,
         data_parallel_size=args.dp,
         micro_batch_size=args.micro_batch_size,
@@ -287,11 +373,14 @@ def report(args: argparse.Namespace) -> str:
         recompute_num_layers=args.recompute_num_layers,
     )
     counts = param_counts(cfg, args.tp)
-    mem = estimate_memory(cfg, layout)
+    stages = estimate_stages(cfg, layout)
+    worst = max(range(layout.pp), key=lambda r: stages[r]["total"])
+    mem = stages[worst]
     lines = [
         f"model {args.model}: {counts['total']:,} parameters ({counts['per_rank']:,} per TP rank), vocab padded to "
         f"{padded_vocab_size(cfg.vocab_size, args.tp)}",
-        f"layout TP={args.tp} x DP={args.dp}, seq {seq}, micro-batch {args.micro_batch_size}, "
+        f"layout TP={args.tp} x PP={args.pp}{f' (x{layout.vpp} virtual)' if layout.vpp > 1 else ''} x DP={args.dp}, "
+        f"seq {seq}, micro-batch {args.micro_batch_size}, "
         f"{'bf16' if layout.bf16 else 'fp32'}, dist-opt {layout.use_distributed_optimizer}, "
         f"SP {layout.sequence_parallel}, recompute {layout.recompute_granularity or 'none'}"
         + (
@@ -300,7 +389,7 @@ def report(args: argparse.Namespace) -> str:
             else ""
         ),
         "",
-        "per-GPU memory                         GiB",
+        f"{'per-GPU memory' + (f', pipeline stage {worst} (the largest)' if layout.pp > 1 else ''):<38} GiB",
         f"  params                            {mem['params'] / GIB:7.2f}",
         f"  grads (DDP buffer)                {mem['grads'] / GIB:7.2f}",
         f"  optimizer (master + Adam)         {mem['optimizer'] / GIB:7.2f}   ({mem['bytes_per_param']:.2f} B/param)",
@@ -315,6 +404,8 @@ def report(args: argparse.Namespace) -> str:
         f"  => {(mem['total'] / GIB + args.reserve_gib):.1f} GiB of {args.gpu_memory_gib:.0f} GiB: "
         + ("fits" if mem["total"] / GIB + args.reserve_gib <= args.gpu_memory_gib else "DOES NOT FIT"),
     ]
+    if layout.pp > 1:
+        lines += _pipeline_lines(cfg, layout, stages)
     docs = pack_doc_lengths(seq, args.doc_length[0]) if args.doc_length and len(args.doc_length) == 1 else None
     if args.doc_length and docs is None:
         docs = list(args.doc_length)
@@ -330,7 +421,7 @@ def report(args: argparse.Namespace) -> str:
         tokens = args.global_batch_size * seq
         lines.append(f"FLOPs per step (GBS {args.global_batch_size} x {seq} tokens): {fpt * tokens:.3e}")
     if args.tokens_per_sec:
-        gpus = args.num_gpus or args.tp * args.dp
+        gpus = args.num_gpus or args.tp * args.pp * args.dp
         peak = PEAK_BF16_FLOPS[args.gpu]
         m = mfu(args.tokens_per_sec, fpt, gpus, peak)
         m6 = mfu(args.tokens_per_sec, dense, gpus, peak)
@@ -339,6 +430,24 @@ def report(args: argparse.Namespace) -> str:
             f"{args.tokens_per_sec * fpt / gpus / 1e12:.1f} TFLOP/s per GPU, MFU {m:.1%} (6N only: {m6:.1%})"
         )
     return "\n".join(lines)
+
+
+def _pipeline_lines(cfg: SoloConfig, layout: Layout, stages: list[dict[str, float]]) -> list[str]:
+    """The per-stage table and the bubble (with and without virtual stages) for a pipeline layout."""
+    lines = ["", "stage  layers   params/GPU  model state  activations   total GiB"]
+    for r, m in enumerate(stages):
+        lines.append(
+            f"  {r:>3}  {cfg.num_layers // layout.pp:>6}  {m['params_per_rank'] / 1e9:>9.2f} B  "
+            f"{m['model_state'] / GIB:>11.2f}  {m['activations'] / GIB:>11.2f}  {m['total'] / GIB:>10.2f}"
+        )
+    m = layout.num_microbatches
+    if m is None:
+        return lines + ["pipeline bubble: pass --global-batch-size (the number of micro-batches decides it)"]
+    plain = dataclasses.replace(layout, virtual_pipeline_model_parallel_size=None)
+    line = f"pipeline bubble ({m} micro-batches per step): {pipeline_bubble(plain):.1%} of the step with 1F1B"
+    if layout.vpp > 1:
+        line += f", {pipeline_bubble(layout):.1%} interleaved over {layout.vpp} virtual stages"
+    return lines + [line]
 
 
 def main(argv: list[str] | None = None) -> None:

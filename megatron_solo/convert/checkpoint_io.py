@@ -193,7 +193,8 @@ def load_solo_config(it_dir: Path, tensor_model_parallel_size: int = 1, **overri
 
 
 def load_model_weights(model, it_dir: Path) -> None:
-    """Collective: load the weights of ``model`` (any TP) from a checkpoint saved at any TP/DP.
+    """Collective: load the weights of ``model`` (any TP; a list = pipeline chunks) from a checkpoint saved at any
+    TP/PP/DP.
 
     Only the model's own keys are requested, so a trainer checkpoint's optimizer / scheduler / trainer state is
     never read. ``RAISE_UNEXPECTED``: a model key absent from the checkpoint is an error naming it (a wrong
@@ -202,10 +203,13 @@ def load_model_weights(model, it_dir: Path) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    state = dist_checkpointing.load(
-        {"model": model.sharded_state_dict()}, str(it_dir), strict=StrictHandling.RAISE_UNEXPECTED
-    )
-    model.load_state_dict(state["model"], strict=True)
+    from megatron_solo.model.pipeline import sharded_model_state
+
+    chunks = list(model) if isinstance(model, list | tuple) else [model]
+    request = sharded_model_state(chunks)
+    state = dist_checkpointing.load(request, str(it_dir), strict=StrictHandling.RAISE_UNEXPECTED)
+    for chunk, key in zip(chunks, request):
+        chunk.load_state_dict(state[key], strict=True)
 
 
 def params_dtype_of(data: dict) -> torch.dtype:

@@ -67,6 +67,11 @@ class SoloConfig(TransformerConfig):
     use_te: bool | None = None
     """Transformer Engine layer spec: None = when TE is importable and CUDA is available (see specs.py)."""
 
+    language_model_type: str = "gpt"
+    """megatron-core model under the projector: ``gpt`` (GPTModel), ``hybrid`` (HybridModel with attention + MLP
+    layers, megatron-core >= 0.19) or ``auto`` (hybrid where available). Same function and checkpoint keys
+    (model/hybrid.py); not part of the architecture."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.patch_dim % 3:
@@ -76,6 +81,9 @@ class SoloConfig(TransformerConfig):
                 f"patch_dim ({self.patch_dim}) must be divisible by tensor_model_parallel_size "
                 f"({self.tensor_model_parallel_size}): the projector splits its input dim across TP ranks"
             )
+        from megatron_solo.model.hybrid import resolve_language_model_type
+
+        self.language_model_type = resolve_language_model_type(self.language_model_type)
         if not 0 <= self.vpatch_id < self.vocab_size:
             raise ValueError(f"vpatch_id {self.vpatch_id} is outside the vocab (size {self.vocab_size})")
 

@@ -29,6 +29,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_solo.model.config import SoloConfig
+from megatron_solo.model.hybrid import build_hybrid_model
 from megatron_solo.model.projector import PatchProjector
 from megatron_solo.model.specs import decoder_block_spec
 
@@ -55,9 +56,13 @@ class _FillPaddedColumns(torch.autograd.Function):
 
 
 class SoloModel(MegatronModule):
-    """GPTModel (``self.language_model``) + PatchProjector (``self.vision_projector``)."""
+    """GPTModel, or HybridModel with ``language_model_type="hybrid"`` (``self.language_model``, model/hybrid.py)
+    + PatchProjector (``self.vision_projector``)."""
 
     model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules (get_forward_backward_func)
+    # SOLO's embeddings are untied: finalize_model_grads reads this on the first pipeline stage and then does not
+    # all-reduce word-embedding grads between the first and last stage.
+    share_embeddings_and_output_weights = False
 
     def __init__(
         self,
@@ -72,24 +77,41 @@ class SoloModel(MegatronModule):
         self.pre_process, self.post_process = pre_process, post_process
         self.vocab_size = config.vocab_size
         self.padded_vocab_size = config.padded_vocab_size
-        spec = transformer_layer_spec if transformer_layer_spec is not None else decoder_block_spec(config, vp_stage)
-        self.language_model = GPTModel(
-            config=config,
-            transformer_layer_spec=spec,
-            vocab_size=self.padded_vocab_size,
-            max_sequence_length=config.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            parallel_output=True,
-            share_embeddings_and_output_weights=False,
-            position_embedding_type="rope",
-            rotary_percent=config.rotary_percent,
-            rotary_base=config.rotary_base,
-            vp_stage=vp_stage,
-        )
+        if config.language_model_type == "hybrid":
+            if transformer_layer_spec is not None:
+                raise ValueError("transformer_layer_spec applies to the GPTModel path only")
+            self.language_model = build_hybrid_model(
+                config, self.padded_vocab_size, pre_process, post_process, vp_stage
+            )
+        else:
+            spec = (
+                transformer_layer_spec if transformer_layer_spec is not None else decoder_block_spec(config, vp_stage)
+            )
+            self.language_model = GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=self.padded_vocab_size,
+                max_sequence_length=config.max_position_embeddings,
+                pre_process=pre_process,
+                post_process=post_process,
+                parallel_output=True,
+                share_embeddings_and_output_weights=False,
+                position_embedding_type="rope",
+                rotary_percent=config.rotary_percent,
+                rotary_base=config.rotary_base,
+                vp_stage=vp_stage,
+            )
         self.vision_projector = PatchProjector(config) if pre_process else None
         if post_process and self.padded_vocab_size > self.vocab_size:
             self.language_model.output_layer.register_forward_hook(self._mask_padded_vocab_logits)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """MegatronModule's, minus the HybridModel output layer's empty ``_extra_state``: GPTModel drops that key
+        too, so both backends write and read the same keys (model/hybrid.py)."""
+        sd = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.config.language_model_type == "hybrid":
+            sd.pop(f"{prefix}language_model.output_layer._extra_state", None)
+        return sd
 
     # ---- pipeline-parallel plumbing (delegated) -------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -162,8 +184,8 @@ class SoloModel(MegatronModule):
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(
         self,
-        tokens: torch.Tensor,
-        position_ids: torch.Tensor,
+        tokens: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
         patches: torch.Tensor | None,
         labels: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
@@ -177,13 +199,17 @@ class SoloModel(MegatronModule):
         ``packed_seq_params``: THD over the flattened ``b*s`` tokens (build_packed_seq_params); None = one causal
         sequence per row. ``attention_mask``, ``runtime_gather_output`` and ``inference_context`` go to GPTModel
         unchanged (generation: ``runtime_gather_output=True`` returns the full padded vocab, padding at -inf).
+
+        Pipeline stages read only what they use: ``tokens`` / ``patches`` on the first stage (``pre_process``),
+        ``labels`` on the last (``post_process``); a middle stage needs only ``packed_seq_params`` (its input is
+        the previous stage's hidden states, ``[b*s, 1, h]`` when packed, set by the schedule).
         """
-        b, s = tokens.shape
+        shape_of = tokens if tokens is not None else labels  # [b, s]; None on a middle stage
         packed = packed_seq_params is not None and packed_seq_params.qkv_format == "thd"
-        if packed:  # THD: the whole micro-batch is one packed sequence
-            tokens = tokens.reshape(1, b * s)
-            position_ids = position_ids.reshape(1, b * s)
-            labels = None if labels is None else labels.reshape(1, b * s)
+        if packed and shape_of is not None:  # THD: the whole micro-batch is one packed sequence
+            tokens, position_ids, labels = (
+                None if t is None else t.reshape(1, -1) for t in (tokens, position_ids, labels)
+            )
         decoder_input = self.embed(tokens, patches) if self.pre_process else None
         out = self.language_model(
             tokens,
@@ -198,7 +224,7 @@ class SoloModel(MegatronModule):
         if not self.post_process:
             return out  # hidden states for the next pipeline stage
         if packed:
-            out = out.reshape(b, s, *out.shape[2:])
+            out = out.reshape(*shape_of.shape, *out.shape[2:])
         return out
 
 

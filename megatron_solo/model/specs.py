@@ -85,13 +85,17 @@ def te_layer_spec(config: SoloConfig) -> ModuleSpec:
     return get_gpt_layer_with_transformer_engine_spec()
 
 
-def decoder_block_spec(config: SoloConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
-    """The decoder's block spec: this pipeline stage's copies of the layer spec and the matching final norm."""
-    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+def final_norm_class(config: SoloConfig):
+    """The final norm that goes with the layer spec: TE's ``TENorm`` or the torch norm."""
     if use_te(config):
         from megatron.core.extensions.transformer_engine import TENorm
 
-        layer, final_norm = te_layer_spec(config), TENorm
-    else:
-        layer, final_norm = local_layer_spec(config), SequenceParallelTorchNorm
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm)
+        return TENorm
+    return SequenceParallelTorchNorm
+
+
+def decoder_block_spec(config: SoloConfig, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """The decoder's block spec: this pipeline stage's copies of the layer spec and the matching final norm."""
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    layer = te_layer_spec(config) if use_te(config) else local_layer_spec(config)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=final_norm_class(config))

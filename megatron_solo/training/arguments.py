@@ -21,6 +21,9 @@ class ParallelArgs:
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    """Interleaved 1F1B: each pipeline rank holds num_layers / (PP x this) model chunks (Megatron-LM)."""
 
 
 @dataclass
@@ -85,6 +88,8 @@ class ModelArgs:
     recompute_granularity: str | None = None
     recompute_method: str | None = None
     recompute_num_layers: int | None = None
+    language_model_type: str = "gpt"
+    """gpt | hybrid | auto: megatron-core's GPTModel or HybridModel under the projector (model/hybrid.py)."""
 
 
 @dataclass
@@ -122,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None)
     g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument(
+        "--language-model-type",
+        choices=["gpt", "hybrid", "auto"],
+        default="gpt",
+        help="megatron-core model: GPTModel, HybridModel (attention + MLP layers; megatron-core >= 0.19) or auto "
+        "(hybrid where available); same math and checkpoints (default: gpt)",
+    )
     g.add_argument("--bf16", action="store_true", help="bf16 params/compute (GPU); fp32 otherwise")
     g.add_argument("--fp32", action="store_true", help="force fp32 even on GPU")
 
@@ -131,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument(
+        "--pipeline-model-parallel-size", type=int, default=1, help="pipeline stages (default 1: no pipeline)"
+    )
+    g.add_argument(
+        "--num-layers-per-virtual-pipeline-stage",
+        type=int,
+        default=None,
+        help="layers per virtual stage: interleaved 1F1B schedule (default: none, one chunk per rank)",
+    )
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=[], help='"p" or "w1 p1 w2 p2 ..." (shard-set dirs)')
@@ -222,6 +243,8 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
             a.use_distributed_optimizer,
             a.overlap_grad_reduce,
             a.overlap_param_gather,
+            a.pipeline_model_parallel_size,
+            a.num_layers_per_virtual_pipeline_stage,
         ),
         data=DataArgs(a.data_path, a.valid_data_path, a.vision_fraction, a.tokenizer_model, a.seq_length),
         train=TrainArgs(
@@ -254,7 +277,14 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
             a.save_at_exit,
         ),  # fmt: skip
         log=LogArgs(a.log_interval, a.tensorboard_dir, a.metrics_log, a.peak_tflops, a.progress_bar),
-        model=ModelArgs(a.model_recipe, overrides, a.recompute_granularity, a.recompute_method, a.recompute_num_layers),
+        model=ModelArgs(
+            a.model_recipe,
+            overrides,
+            a.recompute_granularity,
+            a.recompute_method,
+            a.recompute_num_layers,
+            a.language_model_type,
+        ),
         bf16=bf16,
     )
 
@@ -275,11 +305,13 @@ def model_config(
     fields.update(
         vocab_size=vocab_size,
         tensor_model_parallel_size=args.parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.parallel.pipeline_model_parallel_size,
         sequence_parallel=args.parallel.sequence_parallel,
         calculate_per_token_loss=True,
         bf16=args.bf16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        language_model_type=args.model.language_model_type,
     )
     if args.model.recompute_granularity is not None:
         fields["recompute_granularity"] = args.model.recompute_granularity
@@ -308,8 +340,30 @@ def model_config(
                 f"the checkpoint's vocab ({arch.get('vocab_size')}, <vpatch>={arch.get('vpatch_id')}) does not match "
                 f"the tokenizer ({vocab_size}, <vpatch>={special_ids[0]})"
             )
-        return config_from_dict(arch, **fields)
+        return _with_virtual_stages(lambda **extra: config_from_dict(arch, **fields, **extra), args.parallel)
     fields["vpatch_id"], fields["first_special_id"] = special_ids
     if "max_position_embeddings" not in args.model.overrides:
         fields["max_position_embeddings"] = seq_length
-    return recipe(args.model.model_recipe, **fields)
+    return _with_virtual_stages(lambda **extra: recipe(args.model.model_recipe, **fields, **extra), args.parallel)
+
+
+def _with_virtual_stages(build, parallel: ParallelArgs):
+    """``build()``, then again with ``virtual_pipeline_model_parallel_size`` = layers / (PP x
+    ``--num-layers-per-virtual-pipeline-stage``) once the layer count is known (Megatron-LM's rule)."""
+    config = build()
+    per_stage = parallel.num_layers_per_virtual_pipeline_stage
+    if per_stage is None:
+        return config
+    pp = parallel.pipeline_model_parallel_size
+    if pp < 2 or per_stage < 1 or config.num_layers % (pp * per_stage):
+        raise SystemExit(
+            f"--num-layers-per-virtual-pipeline-stage {per_stage} needs --pipeline-model-parallel-size > 1 and "
+            f"num_layers ({config.num_layers}) divisible by PP x it ({pp} x {per_stage})"
+        )
+    vpp = config.num_layers // (pp * per_stage)
+    if vpp == 1:
+        return config
+    # Megatron-LM's interleaved defaults: overlapped, unbatched P2P. The batched path (batch_isend_irecv) posts
+    # send-to-prev before send-to-next; at PP=2 both peers are the same rank, and a backend that matches one peer's
+    # messages in posting order (gloo) then swaps activations and gradients of equal shape: silently wrong losses.
+    return build(virtual_pipeline_model_parallel_size=vpp, overlap_p2p_comm=True, batch_p2p_comm=False)

@@ -114,14 +114,20 @@ def unshare_adam_steps(optimizer) -> None:
                 st["step"] = st["step"].detach().clone()
 
 
-def _sharded_state(ddp, optimizer, scheduler, state: TrainState | None, with_optim: bool, loading: bool) -> dict:
-    model = ddp.module
-    sd: dict = {"model": model.sharded_state_dict()}
+def _modules(model) -> list:
+    """The unwrapped SoloModel chunks of a DDP module or a list of them (one per virtual pipeline stage)."""
+    return [getattr(c, "module", c) for c in (model if isinstance(model, list | tuple) else [model])]
+
+
+def _sharded_state(model, optimizer, scheduler, state: TrainState | None, with_optim: bool, loading: bool) -> dict:
+    from megatron_solo.model.pipeline import sharded_model_state
+
+    sd: dict = sharded_model_state(_modules(model))
     if with_optim:
         if loading:
             prime_optimizer_state(optimizer)
         meta = DISTOPT_FORMAT if _is_distributed(optimizer) else None
-        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=loading, metadata=meta)
+        sd["optimizer"] = optimizer.sharded_state_dict(dict(sd), is_loading=loading, metadata=meta)
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if state is not None:
         sd["trainer"] = {"iteration": state.iteration, "consumed_samples": state.consumed_samples}
@@ -164,7 +170,8 @@ def save_checkpoint(
     layout: dict | None = None,
     save_optim: bool = True,
 ) -> Path:
-    """Collective. Writes ``iter_{state.iteration}`` atomically, then points the tracker at it."""
+    """Collective. Writes ``iter_{state.iteration}`` atomically, then points the tracker at it. ``ddp``: the DDP
+    model, or the list of its pipeline chunks."""
     from megatron.core import dist_checkpointing
 
     root = Path(save_dir)
@@ -207,10 +214,10 @@ def checkpoint_has_trainer_state(load_dir: str | os.PathLike) -> bool:
 
 
 def load_weights(ddp, optimizer, load_dir: str | os.PathLike) -> Path:
-    """Collective: model weights only (any TP/DP of the saved run; an HF import or a trainer checkpoint), copied
+    """Collective: model weights only (any TP/PP/DP of the saved run; an HF import or a trainer checkpoint), copied
     into the optimizer's main params too; the optimizer state and schedule stay fresh."""
     it_dir = resolve_iteration_dir(load_dir)
-    load_model_weights(ddp.module, it_dir)
+    load_model_weights(_modules(ddp), it_dir)
     optimizer.reload_model_params()
     return it_dir
 
@@ -232,7 +239,8 @@ def load_checkpoint(
 ) -> TrainState:
     """Collective: resume a trainer checkpoint (weights, optimizer, schedule, iteration, consumed samples, RNG).
 
-    Works at another TP / DP than the save (model and 'fully_reshardable' optimizer state are resharded).
+    Works at another TP / PP / DP than the save (model and 'fully_reshardable' optimizer state are resharded:
+    every key is global, layer indices included).
     """
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
@@ -244,7 +252,9 @@ def load_checkpoint(
         _fix_distopt_state_copy()
     request = _sharded_state(ddp, optimizer, scheduler, None, with_optim, loading=True)
     loaded = dist_checkpointing.load(request, str(it_dir))
-    _load_model_state(ddp.module, loaded["model"])
+    modules = _modules(ddp)
+    for k, module in enumerate(modules):
+        _load_model_state(module, loaded["model" if len(modules) == 1 else f"model{k}"])
     if with_optim:
         optimizer.load_state_dict(loaded["optimizer"])
         unshare_adam_steps(optimizer)
@@ -256,6 +266,8 @@ def load_checkpoint(
     same_layout = (
         meta.get("world_size") == dist.get_world_size()
         and meta.get("tensor_model_parallel_size") == ps.get_tensor_model_parallel_world_size()
+        and meta.get("pipeline_model_parallel_size", 1) == ps.get_pipeline_model_parallel_world_size()
+        and meta.get("virtual_pipeline_model_parallel_size") == ps.get_virtual_pipeline_model_parallel_world_size()
     )
     if load_rng and same_layout and rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -9,7 +9,6 @@ whatever the micro-batch / DP split.
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import time
@@ -23,6 +22,7 @@ from megatron_solo import parallel
 from megatron_solo.data.batch import BatchLoader, SoloBatch
 from megatron_solo.model import build_packed_seq_params, mean_losses, solo_losses
 from megatron_solo.model.loss import LOSS_NAMES
+from megatron_solo.model.pipeline import schedule_shape, stage_needs
 from megatron_solo.training import checkpointing as ckpt
 from megatron_solo.training.arguments import RunArgs, model_config
 from megatron_solo.training.metrics import MetricsWriter, console_line, memory_gb, peak_tflops, training_flops
@@ -90,9 +90,6 @@ class Trainer:
         from megatron_solo.format.tokens import SoloTokenizer
 
         self.args = args
-        parallel.initialize(tensor_model_parallel_size=args.parallel.tensor_model_parallel_size, seed=args.train.seed)
-        self.rank = dist.get_rank()
-        self.device = parallel.device()
         self.tokenizer_path = resolve_tokenizer(args)
         tokenizer = SoloTokenizer(self.tokenizer_path)
 
@@ -115,27 +112,38 @@ class Trainer:
 
         special = (tokenizer.vpatch_id, tokenizer.first_special_id)
         self.config = model_config(args, tokenizer.vocab_size, seq_length, special, arch=_checkpoint_arch(args))
-        self.ddp, self.optimizer = build_model_and_optimizer(self.config, args.parallel, args.optim)
-        self.scheduler = build_scheduler(self.optimizer, args.optim, args.sched, args.train.train_iters)
-        self.loader = BatchLoader(
-            self.train_data, args.train.global_batch_size, args.train.micro_batch_size, self.device
+        # The layout needs the model's layer count (virtual stages), so process groups come after the config.
+        parallel.initialize(
+            tensor_model_parallel_size=args.parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.parallel.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.config.virtual_pipeline_model_parallel_size,
+            seed=args.train.seed,
         )
+        self.rank = dist.get_rank()
+        self.device = parallel.device()
+        self.model, self.optimizer = build_model_and_optimizer(self.config, args.parallel, args.optim)
+        self.scheduler = build_scheduler(self.optimizer, args.optim, args.sched, args.train.train_iters)
+        needs = stage_needs(self.config)
+        gbs, mbs = args.train.global_batch_size, args.train.micro_batch_size
+        self.loader = BatchLoader(self.train_data, gbs, mbs, self.device, needs=needs)
         self.valid_loader = (
-            BatchLoader(self.valid_data, args.train.global_batch_size, args.train.micro_batch_size, self.device)
-            if self.valid_data is not None
-            else None
+            BatchLoader(self.valid_data, gbs, mbs, self.device, needs=needs) if self.valid_data is not None else None
         )
         self.forward_backward = get_forward_backward_func()
         self.dp_size = ps.get_data_parallel_world_size()
         self.tp_size = ps.get_tensor_model_parallel_world_size()
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
         self.writer = MetricsWriter(args.log.tensorboard_dir, args.log.metrics_log, enabled=self.rank == 0)
         self.peak = peak_tflops(args.log.peak_tflops)
         self.state = self._load()
-        n_params = sum(p.numel() for p in self.ddp.module.parameters())
+        n_params = sum(p.numel() for c in self.model for p in c.module.parameters())
+        vpp = self.config.virtual_pipeline_model_parallel_size
         _log(
-            f"SOLO run: world {dist.get_world_size()} = TP {self.tp_size} x DP {self.dp_size}, dist-opt "
-            f"{args.parallel.use_distributed_optimizer}, {'bf16' if args.bf16 else 'fp32'}, {n_params:,} params per "
-            f"TP rank, seq {seq_length}, GBS {args.train.global_batch_size}, MBS {args.train.micro_batch_size}, "
+            f"SOLO run: world {dist.get_world_size()} = TP {self.tp_size} x PP {self.pp_size} x DP {self.dp_size}"
+            f"{f' ({vpp} virtual stages per rank)' if vpp else ''}, "
+            f"{type(self.model[0].module.language_model).__name__}, dist-opt "
+            f"{args.parallel.use_distributed_optimizer}, {'bf16' if args.bf16 else 'fp32'}, {n_params:,} params on "
+            f"rank 0, seq {seq_length}, GBS {args.train.global_batch_size}, MBS {args.train.micro_batch_size}, "
             f"{self.loader.num_microbatches} micro-batches/step; data: {len(self.train_data)} packs/epoch; "
             f"starting at iteration {self.state.iteration} ({self.state.consumed_samples} samples consumed)"
         )
@@ -145,70 +153,86 @@ class Trainer:
         c = self.args.ckpt
         if c.load and not c.finetune and ckpt.checkpoint_has_trainer_state(c.load):
             state = ckpt.load_checkpoint(
-                c.load, self.ddp, self.optimizer, self.scheduler, load_optim=not c.no_load_optim,
+                c.load, self.model, self.optimizer, self.scheduler, load_optim=not c.no_load_optim,
                 load_rng=not c.no_load_rng,
             )  # fmt: skip
             _log(f"resumed from {c.load} at iteration {state.iteration}")
             return state
         source = c.load if c.load and (c.finetune or _has_checkpoint(c.load)) else c.pretrained_checkpoint
         if source:
-            it_dir = ckpt.load_weights(self.ddp, self.optimizer, source)
+            it_dir = ckpt.load_weights(self.model, self.optimizer, source)
             _log(f"loaded weights from {it_dir} (fresh optimizer and schedule)")
         return TrainState()
 
     def save(self) -> None:
         c = self.args.ckpt
-        layout = {"tensor_model_parallel_size": self.tp_size, "data_parallel_size": self.dp_size}
+        layout = {
+            "tensor_model_parallel_size": self.tp_size,
+            "pipeline_model_parallel_size": self.pp_size,
+            "virtual_pipeline_model_parallel_size": self.config.virtual_pipeline_model_parallel_size,
+            "data_parallel_size": self.dp_size,
+        }
         t0 = time.time()
         path = ckpt.save_checkpoint(
-            c.save, self.state, self.ddp, self.optimizer, self.scheduler, self.config, self.tokenizer_path, layout,
+            c.save, self.state, self.model, self.optimizer, self.scheduler, self.config, self.tokenizer_path, layout,
             save_optim=not c.no_save_optim,
         )  # fmt: skip
         _log(f"saved checkpoint {path} in {time.time() - t0:.1f}s")
 
     # ---- steps -------------------------------------------------------------------------------------------------
-    def _forward_step(self, data_iterator, model, *, collected: list):
+    @staticmethod
+    def _forward_step(data_iterator, model):
+        """Megatron's forward_step_func for one micro-batch of one model chunk (a pipeline stage sees None for the
+        fields it does not need; the loss function runs on the last stage only)."""
         batch: SoloBatch = next(data_iterator)
         psp = build_packed_seq_params(batch.cu_seqlens, batch.max_seqlen)
-        per_token = model(batch.tokens, batch.position_ids, batch.patches, labels=batch.labels, packed_seq_params=psp)
-        collected.append(batch)
+        output = model(batch.tokens, batch.position_ids, batch.patches, labels=batch.labels, packed_seq_params=psp)
 
-        def loss_func(output: torch.Tensor):
-            pairs = solo_losses(output, batch.loss_mask, batch.vision_doc_mask)
+        def loss_func(per_token: torch.Tensor):
+            pairs = solo_losses(per_token, batch.loss_mask, batch.vision_doc_mask)
             stacked = torch.stack([pairs[k].detach() for k in LOSS_NAMES])
             return pairs["overall"][0], pairs["overall"][1].int(), {"pairs": stacked}
 
-        return per_token, loss_func
+        return output, loss_func
 
     def _run(self, batches: list[SoloBatch], forward_only: bool) -> StepResult:
-        collected: list[SoloBatch] = []
-        out = self.forward_backward(
-            forward_step_func=functools.partial(self._forward_step, collected=collected),
-            data_iterator=iter(batches),
-            model=[self.ddp],
-            num_microbatches=len(batches),
-            seq_length=self.seq_length,
-            micro_batch_size=self.args.train.micro_batch_size,
-            forward_only=forward_only,
-        )
-        pairs = sum(d["pairs"] for d in out)
-        tokens = sum(b.tokens.numel() for b in batches)
-        real = sum(b.num_real_tokens for b in batches)
-        flops = sum(training_flops(self.config, b.doc_lengths, b.patches.shape[0]) for b in batches)
-        # one all-reduce over DP: (sum, count) pairs + token and FLOP totals
-        extra = torch.tensor([[tokens, real], [flops, 0.0]], dtype=torch.float64)
-        packed = torch.cat([pairs.double().reshape(-1).to(self.device), extra.reshape(-1).to(self.device)])
+        """One global batch through the schedule; the (sum, count) pairs come from the last pipeline stage, are
+        summed over DP there and broadcast to every stage, so all ranks return the same StepResult."""
         from megatron.core import parallel_state as ps
 
+        # packed micro-batches run as [1, b*s]: the shape of the hidden states between stages (model/pipeline.py)
+        seq, mbs = schedule_shape(self.args.train.micro_batch_size, self.seq_length, packed=True)
+        chunks = len(self.model)
+        out = self.forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(batches) if chunks == 1 else [iter(batches) for _ in range(chunks)],
+            model=self.model,
+            num_microbatches=len(batches),
+            seq_length=seq,
+            micro_batch_size=mbs,
+            forward_only=forward_only,
+        )
+        # empty except on the last stage
+        pairs = sum(d["pairs"] for d in out) if out else torch.zeros(len(LOSS_NAMES), 2)
+        tokens = sum(b.num_tokens for b in batches)
+        real = sum(b.num_real_tokens for b in batches)
+        flops = sum(training_flops(self.config, b.doc_lengths, b.num_patches) for b in batches)
+        # one all-reduce over DP: (sum, count) pairs + token and FLOP totals; then the last stage's to all stages
+        extra = torch.tensor([[tokens, real], [flops, 0.0]], dtype=torch.float64)
+        packed = torch.cat([pairs.double().reshape(-1).to(self.device), extra.reshape(-1).to(self.device)])
         dist.all_reduce(packed, group=ps.get_data_parallel_group())
+        if self.pp_size > 1:
+            last = ps.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(packed, src=last, group=ps.get_pipeline_model_parallel_group())
         packed = packed.cpu()
         n = len(LOSS_NAMES) * 2
         reduced = {k: packed[2 * i : 2 * i + 2] for i, k in enumerate(LOSS_NAMES)}
         return StepResult(mean_losses(reduced), reduced, int(packed[n]), int(packed[n + 1]), float(packed[n + 2]))
 
     def train_step(self) -> tuple[StepResult, float]:
-        batches = self.loader.step(self.state.consumed_samples)
-        self.ddp.zero_grad_buffer()
+        batches = self.loader.step(self.state.consumed_samples)  # the next step's read starts in the background
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         result = self._run(batches, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
@@ -221,13 +245,16 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Token-weighted validation losses over the first ``--eval-iters`` global batches of the held-out sets."""
         totals = None
-        self.ddp.eval()
+        for chunk in self.model:
+            chunk.eval()
         with torch.no_grad():
-            for k in range(self.args.train.eval_iters):
-                batches = self.valid_loader.step(k * self.args.train.global_batch_size)
+            n, gbs = self.args.train.eval_iters, self.args.train.global_batch_size
+            for k in range(n):  # prefetching the next batch, after the last the next evaluation's first
+                batches = self.valid_loader.step(k * gbs, next_consumed=(k + 1) % n * gbs)
                 pairs = self._run(batches, forward_only=True).pairs
                 totals = pairs if totals is None else {n: totals[n] + pairs[n] for n in totals}
-        self.ddp.train()
+        for chunk in self.model:
+            chunk.train()
         return mean_losses(totals)
 
     # ---- the loop ----------------------------------------------------------------------------------------------
@@ -265,6 +292,7 @@ class Trainer:
                 "mfu": tflops / self.peak if self.peak else float("nan"),
                 "mem_gb": memory_gb(),
                 "step_time_s": dt,
+                "data_wait_s": self.loader.last_wait_s,
             }
             self.first_loss = m["loss"] if self.first_loss is None else self.first_loss
             self.last_loss = m["loss"]
@@ -294,6 +322,9 @@ class Trainer:
         if ran and a.ckpt.save and a.ckpt.save_at_exit and last_saved != self.state.iteration:
             self.save()
         self.writer.close()
+        for loader in (self.loader, self.valid_loader):
+            if loader is not None:
+                loader.close()
         return self.state
 
     def _log_eval(self) -> None:

@@ -8,7 +8,8 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_solo.model import SoloConfig, build_solo_model
+from megatron_solo.model import SoloConfig
+from megatron_solo.model.pipeline import build_model_chunks
 from megatron_solo.training.arguments import ParallelArgs, SchedulerArgs
 
 
@@ -22,14 +23,14 @@ class TrainState:
 
 def build_model_and_optimizer(
     config: SoloConfig, parallel: ParallelArgs, optim: OptimizerConfig
-) -> tuple[DistributedDataParallel, object]:
-    """SoloModel wrapped in Megatron DDP (grads reduced in fp32) + ``get_megatron_optimizer``.
+) -> tuple[list[DistributedDataParallel], object]:
+    """This rank's SoloModel chunks (one per virtual pipeline stage, megatron_solo/model/pipeline.py), each wrapped
+    in Megatron DDP (grads reduced in fp32), + ``get_megatron_optimizer`` over all of them.
 
     Sets the config hooks ``get_forward_backward_func`` calls: ``finalize_model_grads_func`` (DP all-reduce /
     reduce-scatter, SP norm grads, division by the global token count) and ``no_sync_func`` (accumulate micro-batch
-    grads locally).
+    grads locally); per chunk with virtual stages, as Megatron-LM does.
     """
-    model = build_solo_model(config)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=parallel.overlap_grad_reduce,
@@ -38,15 +39,20 @@ def build_model_and_optimizer(
         check_for_nan_in_grad=False,
         bucket_size=None,
     )
-    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
-    optimizer = get_megatron_optimizer(optim, [ddp])
+    chunks = [
+        # Megatron-LM: only the first chunk's grads are bucketed for overlap; later chunks reduce as one bucket.
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=m, disable_bucketing=k > 0)
+        for k, m in enumerate(build_model_chunks(config))
+    ]
+    optimizer = get_megatron_optimizer(optim, chunks)
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp.no_sync
+    one = len(chunks) == 1
+    config.no_sync_func = chunks[0].no_sync if one else [c.no_sync for c in chunks]
     if parallel.overlap_grad_reduce:
-        config.grad_sync_func = ddp.start_grad_sync
+        config.grad_sync_func = chunks[0].start_grad_sync if one else [c.start_grad_sync for c in chunks]
     if parallel.overlap_param_gather and parallel.use_distributed_optimizer:
-        config.param_sync_func = ddp.start_param_sync
-    return ddp, optimizer
+        config.param_sync_func = chunks[0].start_param_sync if one else [c.start_param_sync for c in chunks]
+    return chunks, optimizer
 
 
 def build_scheduler(
