@@ -49,9 +49,12 @@ setup(
         # scripts/install_lmms_eval.sh installs it.
         "eval": [*DEMO_EXTRAS, "pycocoevalcap"],
         # xxhash: the reference for our XXH64; datasets / webdataset: they write the source formats the tests read
-        # wandb: the offline-run test of --wandb-project
-        "test": [*DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash", "pycocoevalcap", "datasets", "webdataset", "wandb"],
+        # wandb: the offline-run test of --wandb-project; ray: `build --ray` (pip install ray took 23-35 s here)
+        "test": [
+            *DEMO_EXTRAS, "pytest>=8", "ruff", "xxhash", "pycocoevalcap", "datasets", "webdataset", "wandb", "ray>=2.9",
+        ],  # fmt: skip
         "wandb": ["wandb"],  # --wandb-project (Weights & Biases logging)
+        "ray": ["ray>=2.9"],  # build --ray (partitions as Ray tasks)
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={

@@ -46,9 +46,18 @@ class LaunchResult:
             )
 
 
+# torch.distributed rendezvous variables: megatron_solo.parallel.initialize sets them in a process that starts a
+# 1-rank world (some tests do, in pytest's own process); a child must not inherit them.
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def torchrun_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of a CPU gloo launch: the repo importable, 1 thread per rank, no GPU, unbuffered output."""
-    full_env = dict(os.environ)
+    """The environment of a CPU gloo launch: the repo importable, 1 thread per rank, no GPU, unbuffered output.
+
+    Rendezvous variables are dropped: an in-process test that started a 1-rank world leaves ``RANK=0`` etc. in
+    pytest's environment, and torchrun's agent must not carry them (a test finding "the rank-0 worker" by its
+    environment would find the agent too)."""
+    full_env = {k: v for k, v in os.environ.items() if k not in DIST_VARS and not k.startswith("TORCHELASTIC_")}
     full_env.update(
         PYTHONPATH=os.pathsep.join([str(REPO), full_env.get("PYTHONPATH", "")]),
         OMP_NUM_THREADS="1",

@@ -95,7 +95,8 @@ def _sigterm_when(proc, run_id: str, metrics: Path, rank: int, iteration: int, d
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         if any(json.loads(x).get("iteration", 0) >= iteration for x in lines if x.strip()):
             for pid in _run_pids(run_id, rank):
-                if "pretrain_solo.py" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                if pid != proc.pid and "pretrain_solo.py" in cmdline:  # a worker, not torchrun's agent
                     os.kill(pid, signal.SIGTERM)
             return
         time.sleep(0.02)

@@ -12,12 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.dist import REPO
-
-# torch.distributed rendezvous variables: megatron_solo.parallel.initialize sets them in a process that starts a
-# 1-rank world (some tests do, in pytest's own process); a child must not inherit them (accelerate, in lmms-eval,
-# would join that world's store instead of running alone).
-DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+from tests.dist import DIST_VARS, REPO
 
 
 def single_process_env(**extra: str) -> dict[str, str]:

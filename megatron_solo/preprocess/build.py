@@ -39,6 +39,13 @@ from megatron_solo.format.schema import MANIFEST_NAME, SHARD_ENTRY_COUNTS, SHARD
 from megatron_solo.format.tokens import SoloTokenizer
 from megatron_solo.preprocess import handoff
 from megatron_solo.preprocess import manifest as mf
+from megatron_solo.preprocess.partition import (
+    Partition,
+    PartitionPlan,
+    iter_plan_records,
+    partition_dir,
+    plan_partition,
+)
 from megatron_solo.preprocess.report import (
     DEFAULT_MAX_SKIP_FRACTION,
     BuildError,
@@ -49,12 +56,13 @@ from megatron_solo.preprocess.report import (
     summary,
 )
 from megatron_solo.preprocess.shard_groups import ShardGroups
-from megatron_solo.preprocess.sources import Source, iter_records, make_sources
+from megatron_solo.preprocess.sources import Record, Source, iter_records, make_sources
 from megatron_solo.preprocess.worker import Result, WorkerConfig, init_worker, process_chunk
 
 __all__ = ["BuildConfig", "BuildError", "BuildFailed", "build", "summary"]
 
 KILL_AT_RECORD_ENV = "SOLO_PREPROCESS_KILL_AT_RECORD"  # test hook: SIGKILL the build before adding record R
+KILL_ONCE_ENV = "SOLO_PREPROCESS_KILL_ONCE"  # test hook: a directory; each kill of KILL_AT_RECORD happens once
 
 
 @dataclass
@@ -78,6 +86,7 @@ class BuildConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     chunk_size: int = 32
     checksum: str = mf.CHECKSUMS[0]  # per-file checksum algorithm ("xxh64" or "sha256")
+    partition: str | None = None  # "K/N": build only partition K of N, into OUT/part_K_of_N (partition.py)
     quiet: bool = False
 
     def source_defaults(self) -> dict[str, str | None]:
@@ -89,11 +98,19 @@ NOT_IN_KEY = ("out", "workers", "quiet", "chunk_size", "sources", "tokenizer", "
               "fail_fast_records", "class_names", "image_root", "template", "loss_on")  # fmt: skip
 
 
-def _build_key(cfg: BuildConfig, tok: SoloTokenizer, identity: list[dict]) -> str:
+def _build_options(cfg: BuildConfig, partition: bool = True) -> dict:
+    """The options that shape the output (the manifest's ``build``); ``partition`` only when one is built."""
+    opts = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
+    if not partition or opts["partition"] is None:
+        del opts["partition"]
+    return opts
+
+
+def _build_key(cfg: BuildConfig, tok: SoloTokenizer, identity: list[dict], partition: bool = True) -> str:
     """Everything the output depends on (not the worker count): a re-run resumes only if this matches. The
-    build-wide source defaults enter through each source's resolved options."""
-    ident = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
-    ident |= {"sources": identity, "tokenizer_sha256": tok.checksum}
+    build-wide source defaults enter through each source's resolved options. Without ``partition``: the key the
+    partitions of one build share (``partition.plan_key``, checked by ``merge``)."""
+    ident = _build_options(cfg, partition) | {"sources": identity, "tokenizer_sha256": tok.checksum}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -234,23 +251,35 @@ class BuildPlan:
     out: Path
     kept: list[dict]  # progress entries of the verified shards a resume keeps
     done: dict | None = None  # the manifest, when the output already holds this complete build
+    partition: PartitionPlan | None = None  # --partition K/N: the pieces of the inputs this build reads
+    plan_key: str | None = None  # the build key without the partition (shared by the partitions of one build)
 
     @property
     def start(self) -> int:
         return self.kept[-1]["records"][1] if self.kept else 0
+
+    def records(self) -> Iterator[Record]:
+        """The records this build reads: all of them, or its partition's."""
+        if self.partition is None:
+            return iter_records(self.sources)
+        return iter_plan_records(self.sources, self.partition)
 
 
 def plan_build(cfg: BuildConfig) -> BuildPlan:
     """Check the options, open the sources (their files must exist, their options fit), compute the build key and
     decide what a resume keeps (deleting every shard file it does not)."""
     _check_options(cfg)
+    part = Partition.parse(cfg.partition) if cfg.partition is not None else None
     sources = make_sources(cfg.sources, cfg.source_defaults(), cfg.seed)
     tok = SoloTokenizer(cfg.tokenizer)
     identity = [s.identity() for s in sources]
     key = _build_key(cfg, tok, identity)
-    out = Path(cfg.out)
+    out = Path(cfg.out) if part is None else partition_dir(cfg.out, part)
     out.mkdir(parents=True, exist_ok=True)
     plan = BuildPlan(cfg, tok, sources, identity, key, out, kept=[])
+    if part is not None:
+        plan.partition = plan_partition(sources, part)
+        plan.plan_key = _build_key(cfg, tok, identity, partition=False)
     existing = mf.load_json(out / MANIFEST_NAME)
     if existing is not None:
         if existing.get("build", {}).get("build_key") != key:
@@ -269,11 +298,11 @@ def plan_build(cfg: BuildConfig) -> BuildPlan:
 def pack_shards(plan: BuildPlan) -> list[dict]:
     """Stage 2: the records after the kept ones -> workers -> shard groups; returns every shard's progress entry."""
     cfg = plan.cfg
-    kill_at = int(os.environ.get(KILL_AT_RECORD_ENV, "-1"))
+    kill_at, kill_parent = _kill_hook(plan)
     handoff_dir = handoff.default_dir() if cfg.workers > 0 else ""
     handoff.remove_stale(handoff_dir)
     wcfg = WorkerConfig(str(cfg.tokenizer), plan.sources, cfg.fast_decode, cfg.max_pixels, handoff_dir, os.getpid())
-    records = islice(enumerate(iter_records(plan.sources)), plan.start, None)
+    records = islice(enumerate(plan.records()), plan.start, None)
     bar = _Progress(cfg.quiet, plan.start)
     groups = ShardGroups(plan, bar)
     last = plan.start
@@ -282,9 +311,7 @@ def pack_shards(plan: BuildPlan) -> list[dict]:
         for idx, res in results:
             if idx == kill_at:  # test hook: die mid-shard, after the shards before it are committed
                 groups.commit(block=True)
-                print(f"{KILL_AT_RECORD_ENV}: build pid {os.getpid()} kills itself at record {idx}", file=sys.stderr)
-                sys.stderr.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
+                _die(idx, kill_parent)
             groups.add(idx, res)
             bar.update(res)
             last = idx + 1
@@ -302,6 +329,41 @@ def pack_shards(plan: BuildPlan) -> list[dict]:
         handoff.remove_own(handoff_dir, os.getpid())
         _C.release_buffers()
     return groups.progress["shards"]
+
+
+def _kill_hook(plan: BuildPlan) -> tuple[int, bool]:
+    """(record index to SIGKILL the build at, -1: never; whether to kill the parent process too) from the test hooks:
+    ``SOLO_PREPROCESS_KILL_AT_RECORD=R`` (any build), or ``K:R`` / ``K:R:parent`` entries, comma-separated (partition K
+    only; ``parent``: first the process that started the build, e.g. the Ray worker running it). With
+    ``SOLO_PREPROCESS_KILL_ONCE=DIR`` each kill happens once (a marker file in DIR), so a retried build goes on."""
+    spec = os.environ.get(KILL_AT_RECORD_ENV, "").strip()
+    if not spec:
+        return -1, False
+    if ":" not in spec:
+        at, parent = int(spec), False
+    else:
+        part = plan.partition.part.index if plan.partition is not None else None
+        hits = [e.split(":") for e in spec.split(",") if int(e.split(":")[0]) == part]
+        if not hits:
+            return -1, False
+        at, parent = int(hits[0][1]), hits[0][2:] == ["parent"]
+    once = os.environ.get(KILL_ONCE_ENV)
+    if once:
+        marker = Path(once) / f"killed_{plan.key}_{at}"
+        if marker.exists():
+            return -1, False
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    return at, parent
+
+
+def _die(idx: int, parent: bool) -> None:
+    who = f"its parent pid {os.getppid()} and itself" if parent else "itself"
+    print(f"{KILL_AT_RECORD_ENV}: build pid {os.getpid()} kills {who} at record {idx}", file=sys.stderr)
+    sys.stderr.flush()
+    if parent:
+        os.kill(os.getppid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- stages 3 and 4: manifest, checks ----------------------------------------------------------------------------
@@ -327,7 +389,8 @@ def build(cfg: BuildConfig) -> dict:
     Raises ``BuildFailed`` (after writing the manifest) when a source yields nothing or skips too much."""
     plan = plan_build(cfg)
     manifest = plan.done if plan.done is not None else write_manifest(plan, pack_shards(plan))
-    check_build(manifest, cfg)
+    if plan.partition is None:  # a partition holds part of each source: the checks run on the merged set (merge.py)
+        check_build(manifest, cfg)
     return manifest
 
 
@@ -343,8 +406,8 @@ def make_manifest(plan: BuildPlan, entries: list[dict]) -> dict:
         for e in entries
         if e["files"]
     ]
-    build_opts = {k: v for k, v in asdict(cfg).items() if k not in NOT_IN_KEY}
-    return {
+    build_opts = _build_options(cfg)
+    manifest = {
         "format": mf.MANIFEST_FORMAT,
         "format_version": mf.MANIFEST_VERSION,
         "seq_length": cfg.seq_length,
@@ -361,3 +424,6 @@ def make_manifest(plan: BuildPlan, entries: list[dict]) -> dict:
         "shard_parts": list(SHARD_PARTS),
         "shards": shards,
     }
+    if plan.partition is not None:
+        manifest["partition"] = plan.partition.describe() | {"plan_key": plan.plan_key}
+    return manifest

@@ -15,12 +15,14 @@ import base64
 import io
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from megatron_solo.format.tokens import SoloTokenizer, train_sentencepiece
 from megatron_solo.preprocess.build import BuildConfig, build, summary
+from megatron_solo.preprocess.launch import available_cpus, build_partitioned, default_workers
 
 CORPUS = Path(__file__).resolve().parents[1] / "demo_data" / "corpus.txt"
 VOCAB = 1000
@@ -124,10 +126,13 @@ def write_demo_corpus(
     return [f"chat:{root / 'captions.jsonl'}", f"imagefolder:{folder}", f"text:{root / 'text.jsonl'}"]
 
 
-def build_demo_shards(out_dir: str | Path, seq_length: int = 1024, quiet: bool = True, workers: int = 2) -> dict:
+def build_demo_shards(
+    out_dir: str | Path, seq_length: int = 1024, quiet: bool = True, workers: int = 2, partitions: int = 1
+) -> dict:
     """Build the demo: returns {"train": dir, "valid": dir, "tokenizer": path, "train_manifest", "valid_manifest"}.
 
     Deterministic (same files for the same library versions). About 250 train / 16 valid packs at seq 1024.
+    ``partitions`` > 1: the train split is built as that many partitions on this machine and merged (launch.py).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -165,15 +170,19 @@ def build_demo_shards(out_dir: str | Path, seq_length: int = 1024, quiet: bool =
             buffer_docs=1024,
             quiet=quiet,
         )
-        man = build(cfg)
+        if split == "train" and partitions > 1:
+            at_once = min(partitions, available_cpus())
+            man = build_partitioned(replace(cfg, workers=default_workers(at_once)), partitions, at_once)
+        else:
+            man = build(cfg)
         result[split] = str(out / split)
         result[f"{split}_manifest"] = man
     return result
 
 
-def run_demo(out: str, seq_length: int = 1024, quiet: bool = False, workers: int = 2) -> int:
+def run_demo(out: str, seq_length: int = 1024, quiet: bool = False, workers: int = 2, partitions: int = 1) -> int:
     """The ``demo`` sub-command: build, then print a short summary per split."""
-    res = build_demo_shards(out, seq_length, quiet=quiet, workers=workers)
+    res = build_demo_shards(out, seq_length, quiet=quiet, workers=workers, partitions=partitions)
     for split in ("train", "valid"):
         print(f"[demo] {split}: {res[split]}")
         print("\n".join("  " + ln for ln in summary(res[f"{split}_manifest"]).splitlines()))

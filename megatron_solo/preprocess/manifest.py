@@ -119,18 +119,49 @@ def aggregate(shards: Iterable[dict], seq_length: int) -> tuple[dict, dict]:
         for reason, ex in s.get("skipped_examples", {}).items():
             room = EXAMPLES - len(examples.setdefault(reason, []))
             examples[reason].extend(ex[:room])
-    total = counts["tokens_total"]
-    counts["fill"] = round(total / counts["slots"], 6) if counts["slots"] else 0.0
-    counts["text_fraction"] = round(counts["tokens_text"] / total, 6) if total else 0.0
-    counts["vision_fraction"] = round(counts["tokens_vision"] / total, 6) if total else 0.0
-    counts["target_fraction"] = round(counts["tokens_target"] / total, 6) if total else 0.0
     skipped = {
         "total": sum(by_reason.values()),
         "by_reason": dict(sorted(by_reason.items())),
         "samples": dict(sorted(samples.items())),
         "examples": dict(sorted(examples.items())),
     }
-    return counts, skipped
+    return _with_fractions(counts), skipped
+
+
+def _with_fractions(counts: dict) -> dict:
+    """``counts`` with the derived ratios (fill, text / vision / target fraction) computed from its sums."""
+    total = counts["tokens_total"]
+    counts["fill"] = round(total / counts["slots"], 6) if counts["slots"] else 0.0
+    counts["text_fraction"] = round(counts["tokens_text"] / total, 6) if total else 0.0
+    counts["vision_fraction"] = round(counts["tokens_vision"] / total, 6) if total else 0.0
+    counts["target_fraction"] = round(counts["tokens_target"] / total, 6) if total else 0.0
+    return counts
+
+
+def merge_counts(all_counts: Iterable[dict]) -> dict:
+    """The ``counts`` of several shard sets' manifests as one set's (sums; the ratios recomputed)."""
+    out = dict.fromkeys((*COUNT_KEYS, "input_records"), 0)
+    for c in all_counts:
+        for k in out:
+            out[k] += int(c.get(k, 0))
+    return _with_fractions(out)
+
+
+def merge_skipped(all_skipped: Iterable[dict]) -> dict:
+    """The ``skipped`` of several manifests as one (sums; the first record ids and examples per reason kept)."""
+    out = {"total": 0, "by_reason": {}, "samples": {}, "examples": {}, "dropped_images": 0}
+    for s in all_skipped:
+        out["total"] += s["total"]
+        out["dropped_images"] += s.get("dropped_images", 0)
+        for reason, n in s["by_reason"].items():
+            out["by_reason"][reason] = out["by_reason"].get(reason, 0) + n
+        for key, keep in (("samples", SAMPLE_IDS), ("examples", EXAMPLES)):
+            for reason, items in s.get(key, {}).items():
+                have = out[key].setdefault(reason, [])
+                have.extend(items[: keep - len(have)])
+    for key in ("by_reason", "samples", "examples"):
+        out[key] = dict(sorted(out[key].items()))
+    return out
 
 
 def load_json(path: Path) -> dict | None:

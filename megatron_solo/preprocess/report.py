@@ -105,6 +105,21 @@ def source_report(identity: dict, tally: SourceTally) -> dict:
     }  # fmt: skip
 
 
+REPORT_KEYS = ("counts", "skipped", "dropped_images")  # what source_report adds to a source's identity
+
+
+def merge_source_reports(reports: list[dict]) -> dict:
+    """Several shard sets' reports of the same source (the partitions of one build) as one."""
+    total = SourceTally()
+    for r in reports:
+        sk, dr = r["skipped"], r["dropped_images"]
+        total.merge(SourceTally(r["counts"]["records"], r["counts"]["documents"], dict(sk["by_reason"]),
+                                {k: list(v) for k, v in sk["examples"].items()}, dict(dr["by_reason"]),
+                                {k: list(v) for k, v in dr["examples"].items()}))  # fmt: skip
+    identity = {k: v for k, v in reports[0].items() if k not in REPORT_KEYS}
+    return source_report(identity, total)
+
+
 def top_reasons(by_reason: dict[str, int], examples: dict[str, list[dict]], k: int = 3) -> list[str]:
     lines = []
     for reason, n in sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))[:k]:

@@ -1,5 +1,6 @@
 """``validate DIR``: checksums, counts vs the manifest, pack boundaries. Reads through ShardSet
-(i.e. megatron-core's IndexedDataset), so what validates is what training will read."""
+(i.e. megatron-core's IndexedDataset), so what validates is what training will read. A merged set (merge.py) is
+checked the same way through the shards it lists, plus each merged set's manifest against its recorded checksum."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 from megatron_solo.data.shards import Shard, read_manifest
 from megatron_solo.format.schema import PATCH_DIM, SHARD_ENTRY_COUNTS
 from megatron_solo.preprocess import manifest as mf
+from megatron_solo.preprocess.merge import check_merged_sets, is_merged
 
 TOTALS = ("packs", "documents", "images", "patches", "tokens_total", "tokens_vision", "tokens_target")
 
@@ -83,6 +85,8 @@ def validate(directory: str | os.PathLike, checksums: bool = True) -> tuple[list
     man = read_manifest(d)
     S = man.get("seq_length")
     totals = dict.fromkeys(TOTALS, 0)
+    if is_merged(man):  # a merged set's shards are the listed sets': each set must still be the one merged
+        problems += check_merged_sets(d, man)
     for entry in man.get("shards", []):
         name = entry["prefix"]
         if checksums:

@@ -58,8 +58,9 @@ _tok: SoloTokenizer | None = None
 _cfg: WorkerConfig | None = None
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: SIGKILL this worker when the build process dies (even by SIGKILL), so no orphan outlives it."""
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when ``parent_pid`` (the process that started it) dies, even by SIGKILL, so no
+    orphan outlives it (decode workers of a build; a partition's build under its launcher)."""
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -77,7 +78,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def init_worker(cfg: WorkerConfig, parent_pid: int | None = None) -> None:
     global _tok, _cfg
     if parent_pid is not None:
-        _die_with_parent(parent_pid)
+        die_with_parent(parent_pid)
     _cfg = cfg
     _tok = SoloTokenizer(cfg.tokenizer)
 

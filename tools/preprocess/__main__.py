@@ -1,4 +1,4 @@
-"""``python -m tools.preprocess {build,validate,inspect,demo}``: a thin entry over ``megatron_solo.preprocess.cli``."""
+"""``python -m tools.preprocess {build,merge,validate,inspect,demo}``: thin entry over megatron_solo.preprocess.cli."""
 
 import sys
 

@@ -21,6 +21,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 from megatron_solo.format.chat_template import LOSS_POLICIES, TEMPLATES, Rendered, TemplateError, Turn, render
@@ -70,6 +71,7 @@ class Extent:
     path: str
     start: int = 0
     stop: int | None = None  # None: to the end
+    nbytes: int | None = field(default=None, compare=False)  # bytes on disk it covers (None: the whole file's)
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,12 @@ class Source:
         """The pieces of ``path`` that can be read independently; one per file unless a kind can split (JSONL byte
         ranges, parquet row groups, arrow batches) and ``target_bytes`` asks for pieces of about that size."""
         return [Extent(path)]
+
+    def input_bytes(self, path: str) -> int:
+        """Bytes on disk of one input (a directory: of the files under it): what a partitioned build balances."""
+        if os.path.isdir(path):
+            return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        return os.path.getsize(path)
 
     def read(self, extent: Extent) -> Iterator[Record]:
         raise NotImplementedError

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from megatron_solo.preprocess.sources.base import SourceError
+from megatron_solo.preprocess.sources.base import Extent, SourceError
 
 COMPRESSED = (".gz", ".tgz", ".zst")
 READ_CHUNK = 1 << 22
@@ -140,6 +140,27 @@ def byte_ranges(path: str, target_bytes: int | None) -> list[tuple[int, int | No
         return [(0, None)]
     cuts = list(range(0, size, target_bytes))
     return [(a, b if b < size else None) for a, b in zip(cuts, cuts[1:] + [size])]
+
+
+def range_extents(path: str, target_bytes: int | None) -> list[Extent]:
+    """:func:`byte_ranges` as extents, each with the bytes it covers."""
+    size = os.path.getsize(path)
+    return [Extent(path, a, b, nbytes=(size if b is None else b) - a) for a, b in byte_ranges(path, target_bytes)]
+
+
+def cut_units(sizes: list[int], path: str, target_bytes: int, file_bytes: int | None = None) -> list[Extent]:
+    """Consecutive units (row groups, record batches, list positions) of ``sizes`` bytes grouped into extents of
+    about ``target_bytes``; the last one reads to the end. ``nbytes`` is each extent's share of ``file_bytes`` (the
+    file's size on disk; default the sum of ``sizes``), so extents of different kinds weigh alike."""
+    total = sum(sizes)
+    scale = (file_bytes / total) if file_bytes is not None and total else 1.0
+    out, start, acc, done = [], 0, 0, 0  # done: bytes of the units before ``start``
+    for k, size in enumerate(sizes):
+        acc += size
+        if acc >= target_bytes and k + 1 < len(sizes):
+            out.append(Extent(path, start, k + 1, nbytes=round((done + acc) * scale) - round(done * scale)))
+            start, done, acc = k + 1, done + acc, 0
+    return out + [Extent(path, start, None, nbytes=round((done + acc) * scale) - round(done * scale))]
 
 
 def read_lines(path: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:

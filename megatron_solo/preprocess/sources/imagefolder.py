@@ -21,6 +21,7 @@ from pathlib import Path
 
 from megatron_solo.format.chat_template import Image, Turn
 from megatron_solo.preprocess.sources.base import Document, Extent, ImageRef, Record, Source, SourceError, register
+from megatron_solo.preprocess.sources.files import cut_units
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".ppm")
 
@@ -84,16 +85,40 @@ class ImageFolderSource(Source):
                         f"of {root} (e.g. {', '.join(missing[:3])})"
                     )
 
-    def _items(self, root: str) -> list[tuple[str, str, str]]:
-        rootp = Path(root)
-        items = []
-        for cdir in sorted(d for d in rootp.iterdir() if d.is_dir()):
-            label = self.names.get(cdir.name, cdir.name.replace("_", " "))
-            for f in sorted(cdir.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
-                    items.append((str(f.relative_to(rootp)), str(f), label))
-        random.Random(self.seed).shuffle(items)
-        return items
+    def _items(self, root: str, keep: bool = False) -> list[tuple[str, str, str]]:
+        """(relative path, path, label) of the root's images in the seeded order. ``keep``: cache the walk for the
+        next call (a partitioned build sizes the files, then reads them); a read takes the cached walk and drops it."""
+        cache = self.__dict__.setdefault("_walked", {})
+        if not keep and root in cache:
+            return cache.pop(root)
+        if root not in cache:
+            rootp = Path(root)
+            items = []
+            for cdir in sorted(d for d in rootp.iterdir() if d.is_dir()):
+                label = self.names.get(cdir.name, cdir.name.replace("_", " "))
+                for f in sorted(cdir.rglob("*")):
+                    if f.is_file() and f.suffix.lower() in IMAGE_EXTS:
+                        items.append((str(f.relative_to(rootp)), str(f), label))
+            random.Random(self.seed).shuffle(items)
+            if not keep:
+                return items
+            cache[root] = items
+        return cache[root]
+
+    def _sizes(self, root: str) -> list[int]:
+        return [os.path.getsize(full) for _, full, _ in self._items(root, keep=True)]
+
+    def input_bytes(self, path: str) -> int:
+        return sum(self._sizes(path))
+
+    def extents(self, path: str, target_bytes: int | None = None) -> list[Extent]:
+        """Runs of positions in the shuffled file list of about ``target_bytes`` of image files."""
+        if not target_bytes:
+            return [Extent(path)]
+        return cut_units(self._sizes(path), path, target_bytes)
+
+    def __getstate__(self) -> dict:  # workers parse records; they never need the parent's walk
+        return {k: v for k, v in self.__dict__.items() if k != "_walked"}
 
     def read(self, extent: Extent) -> Iterator[Record]:
         """Records ``start:stop`` of the root's shuffled file list (the extent unit is a position in that list)."""

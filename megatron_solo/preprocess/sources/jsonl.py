@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator
 
 from megatron_solo.preprocess.sources.base import Extent, Record, Skip, Source
-from megatron_solo.preprocess.sources.files import byte_ranges, read_lines
+from megatron_solo.preprocess.sources.files import range_extents, read_lines
 
 
 class JsonLinesSource(Source):
@@ -18,7 +18,7 @@ class JsonLinesSource(Source):
     dir_patterns = ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst")
 
     def extents(self, path: str, target_bytes: int | None = None) -> list[Extent]:
-        return [Extent(path, a, b) for a, b in byte_ranges(path, target_bytes)]
+        return range_extents(path, target_bytes)
 
     def read(self, extent: Extent) -> Iterator[Record]:
         for n, line in read_lines(extent.path, extent.start, extent.stop):

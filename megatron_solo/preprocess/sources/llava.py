@@ -15,11 +15,12 @@ format is ``template=mistral`` (``[INST] ... [/INST] answer</s>``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from megatron_solo.preprocess.sources.base import Document, Extent, ImageRef, Record, Skip, register
 from megatron_solo.preprocess.sources.conversation import json_object, turns
-from megatron_solo.preprocess.sources.files import first_byte, read_json_array
+from megatron_solo.preprocess.sources.files import first_byte, is_compressed, read_json_array
 from megatron_solo.preprocess.sources.jsonl import JsonLinesSource, image_dir, local_image
 
 
@@ -35,9 +36,20 @@ class LlavaSource(JsonLinesSource):
         self._arrays = {p: first_byte(p) == b"[" for p in self.files()}
 
     def extents(self, path: str, target_bytes: int | None = None) -> list[Extent]:
-        if self._arrays.get(path):
-            return [Extent(path)]  # element boundaries are known only by scanning (read_json_array's offsets)
-        return super().extents(path, target_bytes)
+        if not self._arrays.get(path):
+            return super().extents(path, target_bytes)
+        size = os.path.getsize(path)
+        if not target_bytes or is_compressed(path) or size <= target_bytes:
+            return [Extent(path, nbytes=size)]
+        # Element boundaries are known only by scanning: one streaming pass, cut at the first element at or past each
+        # multiple of target_bytes (a range must start at an element's offset).
+        cuts, nxt = [0], target_bytes
+        for offset, _, _ in read_json_array(path):
+            if offset >= nxt:
+                cuts.append(offset)
+                nxt = offset + target_bytes
+        ends = [*cuts[1:], None]
+        return [Extent(path, a, b, nbytes=(size if b is None else b) - a) for a, b in zip(cuts, ends)]
 
     def read(self, extent: Extent) -> Iterator[Record]:
         if not self._arrays.get(extent.path):

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from megatron_solo.preprocess.sources.base import Extent, ImageRef, Record, Skip, Source, SourceError
-from megatron_solo.preprocess.sources.files import byte_ranges, read_lines
+from megatron_solo.preprocess.sources.files import cut_units, range_extents, read_lines
 from megatron_solo.preprocess.sources.jsonl import local_image
 
 BATCH_ROWS = 32  # rows converted to Python at a time (a row may hold several MB of image bytes)
@@ -136,8 +136,8 @@ class TableSource(Source):
         if path.endswith((".parquet", ".arrow")):
             if not target_bytes:
                 return [Extent(path)]
-            return _cut(_unit_sizes(path), path, target_bytes)
-        return [Extent(path, a, b) for a, b in byte_ranges(path, target_bytes)]
+            return cut_units(_unit_sizes(path), path, target_bytes, os.path.getsize(path))
+        return range_extents(path, target_bytes)
 
     def read(self, extent: Extent) -> Iterator[Record]:
         path = extent.path
@@ -193,17 +193,6 @@ def _unit_sizes(path: str) -> list[int]:
         return [md.row_group(g).total_byte_size for g in range(md.num_row_groups)]
     with _open_ipc(path) as ipc:
         return [b.nbytes for b in ipc.batches]
-
-
-def _cut(sizes: list[int], path: str, target_bytes: int) -> list[Extent]:
-    """Consecutive units grouped into extents of about ``target_bytes``; the last one reads to the end."""
-    out, start, acc = [], 0, 0
-    for k, size in enumerate(sizes):
-        acc += size
-        if acc >= target_bytes and k + 1 < len(sizes):
-            out.append(Extent(path, start, k + 1))
-            start, acc = k + 1, 0
-    return out + [Extent(path, start, None)]
 
 
 def image_ref(value: object, base: str, name: str) -> ImageRef | None:
