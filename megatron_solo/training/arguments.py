@@ -100,6 +100,19 @@ class LogArgs:
 
 
 @dataclass
+class EvalTasksArgs:
+    """Evaluation during training (training/eval_tasks.py): downstream tasks scored by the model in process."""
+
+    specs: list[str] = field(default_factory=list)
+    """``[name=]vqa:FILE.jsonl`` / ``[name=]caption:FILE.jsonl`` (megatron_solo/eval task files)."""
+    interval: int = 0
+    """Score at iterations 0, N, 2N, ... and the last one (a pure function of the iteration: survives resume)."""
+    samples: int | None = None
+    max_new_tokens: int = 16
+    batch_size: int = 16
+
+
+@dataclass
 class ModelArgs:
     model_recipe: str | None = None
     """``--model``; None: the checkpoint's architecture when the run starts from one, else ``tiny``."""
@@ -121,6 +134,7 @@ class RunArgs:
     ckpt: CheckpointArgs
     log: LogArgs
     model: ModelArgs
+    eval_tasks: EvalTasksArgs = field(default_factory=EvalTasksArgs)
     bf16: bool = False
     fp16: bool = False
 
@@ -236,6 +250,22 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-iters", type=int, default=1, help="global batches per validation")
 
 
+def _add_eval_tasks(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation during training (ours)")
+    g.add_argument(
+        "--eval-tasks", nargs="+", action="extend", default=[], metavar="SPEC",
+        help="downstream tasks the model answers in process, e.g. vqa=vqa:val.jsonl cap=caption:coco.jsonl "
+        "(megatron_solo/eval task files; greedy, rendered with the run's chat template); needs --eval-tasks-interval",
+    )  # fmt: skip
+    g.add_argument(
+        "--eval-tasks-interval", type=int, default=0,
+        help="score the tasks at iterations 0, N, 2N, ... and the last; logged next to the losses",
+    )  # fmt: skip
+    g.add_argument("--eval-tasks-samples", type=int, default=None, help="items per task (unset: all)")
+    g.add_argument("--eval-tasks-max-new-tokens", type=int, default=16, help="answer length limit")
+    g.add_argument("--eval-tasks-batch-size", type=int, default=16, help="prompts per forward per DP replica")
+
+
 def _add_optimizer(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer and schedule")
     g.add_argument("--optimizer", choices=["adam"], default="adam", help="optimizer (AdamW, decoupled decay)")
@@ -304,7 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="SOLO pre-training on Megatron-Core (Megatron-LM flag names; 'ours' marks the others)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for add in (_add_model, _add_parallel, _add_data, _add_training, _add_optimizer, _add_checkpointing, _add_logging):
+    adders = (
+        _add_model, _add_parallel, _add_data, _add_training, _add_eval_tasks, _add_optimizer, _add_checkpointing,
+        _add_logging,
+    )  # fmt: skip
+    for add in adders:
         add(p)
     return p
 
@@ -364,6 +398,21 @@ def _check_layout_flags(a: argparse.Namespace) -> None:
             raise SetupError("--num-layers-per-virtual-pipeline-stage must be >= 1")
     if a.sequence_parallel and a.tensor_model_parallel_size == 1:
         a.sequence_parallel = False  # as Megatron-LM: nothing to shard over
+
+
+def _eval_tasks_args(a: argparse.Namespace) -> EvalTasksArgs:
+    if a.eval_tasks and a.eval_tasks_interval < 1:
+        raise SetupError("--eval-tasks needs --eval-tasks-interval N >= 1 (score every N iterations)")
+    if a.eval_tasks_interval and not a.eval_tasks:
+        raise SetupError("--eval-tasks-interval without --eval-tasks: name the tasks to score")
+    for flag, v in (("--eval-tasks-samples", a.eval_tasks_samples), ("--eval-tasks-max-new-tokens",
+                    a.eval_tasks_max_new_tokens), ("--eval-tasks-batch-size", a.eval_tasks_batch_size)):  # fmt: skip
+        if v is not None and v < 1:
+            raise SetupError(f"{flag} {v} must be >= 1")
+    return EvalTasksArgs(
+        list(a.eval_tasks), a.eval_tasks_interval, a.eval_tasks_samples, a.eval_tasks_max_new_tokens,
+        a.eval_tasks_batch_size,
+    )  # fmt: skip
 
 
 def _optimizer_config(a: argparse.Namespace, bf16: bool, fp16: bool):
@@ -469,6 +518,7 @@ def parse_args(argv: list[str] | None = None) -> RunArgs:
             recompute_num_layers=a.recompute_num_layers,
             language_model_type=a.language_model_type,
         ),
+        eval_tasks=_eval_tasks_args(a),
         bf16=bf16,
         fp16=fp16,
     )

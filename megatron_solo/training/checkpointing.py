@@ -126,10 +126,10 @@ def _set_rng_state(rng: dict) -> None:
 
 def save_checkpoint(
     save_dir, state: TrainState, ddp, optimizer, scheduler, config, tokenizer_model=None, layout: dict | None = None,
-    save_optim: bool = True,
+    save_optim: bool = True, chat_template: str | None = None,
 ) -> Path:  # fmt: skip
     """Collective: the trainer's checkpoint of iteration ``state.iteration`` through ``checkpoint.save``. ``ddp``:
-    the DDP model, or the list of its pipeline chunks."""
+    the DDP model, or the list of its pipeline chunks; ``chat_template``: the template of the run's shards."""
     meta = {
         "iteration": state.iteration,
         "consumed_samples": state.consumed_samples,
@@ -139,7 +139,9 @@ def save_checkpoint(
         **(layout or {}),
     }
     sharded = _sharded_state(ddp, optimizer, scheduler, state, save_optim, loading=False)
-    return checkpoint.save(save_dir, state.iteration, sharded, config, tokenizer_model, meta, _rng_state())
+    return checkpoint.save(
+        save_dir, state.iteration, sharded, config, tokenizer_model, meta, _rng_state(), chat_template=chat_template
+    )
 
 
 def load_weights(ddp, optimizer, ckpt: Checkpoint) -> None:

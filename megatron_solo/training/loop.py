@@ -25,6 +25,7 @@ from megatron_solo.model.pipeline import schedule_shape, stage_needs
 from megatron_solo.training import checkpointing as ckpt
 from megatron_solo.training.arguments import RunArgs
 from megatron_solo.training.errors import SetupError, report
+from megatron_solo.training.eval_tasks import TaskEvaluator, tasks_due
 from megatron_solo.training.exits import ExitConditions
 from megatron_solo.training.metrics import MetricsWriter, console_line, memory_gb, peak_tflops, training_flops
 from megatron_solo.training.optimizer import TrainState, build_model_and_optimizer, build_scheduler
@@ -90,6 +91,7 @@ class Trainer:
         self.peak = peak_tflops(args.log.peak_tflops)
         self.state = self._load()
         self._log_start()
+        self.task_eval = self._task_evaluator()
 
     def _log_start(self) -> None:
         a, vpp = self.args, self.config.virtual_pipeline_model_parallel_size
@@ -105,6 +107,26 @@ class Trainer:
             f"starting at iteration {self.state.iteration} ({self.state.consumed_samples} samples consumed)"
         )
         _log(f"train: {self.plan.describe_samples(a)}")
+
+    def _task_evaluator(self) -> TaskEvaluator | None:
+        e = self.args.eval_tasks
+        if not self.plan.eval_tasks:
+            return None
+        template = self.plan.chat_template or "plain"
+        names = ", ".join(t.name for t in self.plan.eval_tasks)
+        _log(f"eval tasks: {names} every {e.interval} iterations, {template} chat template")
+        return TaskEvaluator(
+            self.plan.eval_tasks, self.model[0], self.tokenizer_path, template, e.max_new_tokens, e.batch_size
+        )
+
+    def _score_tasks(self) -> None:
+        """``--eval-tasks`` at this iteration if the schedule says so (every rank decides the same)."""
+        e, it = self.args.eval_tasks, self.state.iteration
+        if self.task_eval is None or not tasks_due(it, e.interval, self.args.train.train_iters):
+            return
+        record, line = self.task_eval.run(it)
+        self.writer.write("eval_tasks", record)
+        _log(line)
 
     def _wandb_settings(self) -> dict | None:
         a = self.args
@@ -140,7 +162,7 @@ class Trainer:
         t0 = time.time()
         path = ckpt.save_checkpoint(
             c.save, self.state, self.model, self.optimizer, self.scheduler, self.config, self.tokenizer_path, layout,
-            save_optim=not c.no_save_optim,
+            save_optim=not c.no_save_optim, chat_template=self.plan.chat_template,
         )  # fmt: skip
         _log(f"saved checkpoint {path} in {time.time() - t0:.1f}s")
 
@@ -239,6 +261,8 @@ class Trainer:
             bar = tqdm(total=stop_at, initial=self.state.iteration, unit="it")
         self.first_loss = self.last_loss = None
         start, last_saved = self.state.iteration, None
+        if start == 0:
+            self._score_tasks()  # the starting point's score (before any step)
         while self.state.iteration < stop_at:
             t0 = time.time()
             result, grad_norm = self.train_step()
@@ -275,6 +299,7 @@ class Trainer:
                 _log(console_line(m, a.train.train_iters, throughput=a.log.log_throughput))
             if self.valid_loader is not None and a.train.eval_interval and it % a.train.eval_interval == 0:
                 self._log_eval()
+            self._score_tasks()
             if a.ckpt.save and a.ckpt.save_interval and it % a.ckpt.save_interval == 0:
                 self.save()
                 last_saved = it

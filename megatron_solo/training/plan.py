@@ -12,7 +12,7 @@ are then built with.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_solo import checkpoint
@@ -31,6 +31,10 @@ class RunPlan:
     config: object  # model.SoloConfig
     world_size: int
     data_parallel_size: int
+    chat_template: str | None = None
+    """The template the training shards were rendered with (None: plain only); recorded in every save."""
+    eval_tasks: list = field(default_factory=list)
+    """``--eval-tasks``, loaded (eval/tasks.py Task objects)."""
 
     def describe_samples(self, args: RunArgs) -> str:
         """How the run's samples relate to the blend's epoch (one epoch = ``--train-samples <samples/epoch>``)."""
@@ -85,6 +89,47 @@ def _blends(args: RunArgs):
     train = build("--data-path", args.data.data_path, vision_fraction=args.data.vision_fraction)
     valid = build("--valid-data-path", args.data.valid_data_path) if args.data.valid_data_path else None
     return train, valid
+
+
+def run_chat_template(train_data, start: RunStart) -> str | None:
+    """The chat template of the run: the one non-``plain`` template the training sets' conversational sources were
+    rendered with (their manifests), else the starting checkpoint's; SetupError when the sets disagree. ``plain``
+    (captions, text) mixes with any template: it is the absence of one."""
+    found: dict[str, list[str]] = {}
+    for name, s in zip(train_data.names, train_data.sets):
+        for src in s.manifest.get("sources") or []:
+            template = (src.get("options") or {}).get("template")
+            if template and template != "plain":
+                found.setdefault(template, []).append(f"{name} ({src.get('spec', src.get('kind'))})")
+    if len(found) > 1:
+        rows = "; ".join(f"{t}: {', '.join(where)}" for t, where in found.items())
+        raise SetupError(
+            f"--data-path: the shard sets were rendered with different chat templates ({rows}); a model is trained "
+            "with one: rebuild one side with the other's template=..."
+        )
+    if found:
+        return next(iter(found))
+    return start.checkpoint.chat_template if start.checkpoint is not None else None
+
+
+def _eval_tasks(args: RunArgs) -> list:
+    """``--eval-tasks`` read and validated now (once, before any process group); PP > 1 is refused here."""
+    if not args.eval_tasks.specs:
+        return []
+    if args.parallel.pipeline_model_parallel_size > 1:
+        raise SetupError(
+            "--eval-tasks needs the whole model on every rank: not supported with --pipeline-model-parallel-size > 1 "
+            "(evaluate saved checkpoints with `python -m megatron_solo.evaluate` instead)"
+        )
+    import contextlib
+    import io
+
+    from megatron_solo.training.errors import is_rank0
+    from megatron_solo.training.eval_tasks import load_eval_tasks
+
+    quiet = contextlib.nullcontext() if is_rank0() else contextlib.redirect_stderr(io.StringIO())
+    with quiet:  # a skipped-record warning once, from rank 0
+        return load_eval_tasks(args.eval_tasks.specs, args.eval_tasks.samples)
 
 
 def _tokenizer_matches(path: str, train_data) -> object:
@@ -216,4 +261,6 @@ def plan_run(args: RunArgs) -> RunPlan:
     checked_schedule(args.optim, args.sched, args.train)
     if start.kind == "resume":
         _check_resume(args, start.checkpoint)
-    return RunPlan(start, tokenizer_path, train_data, valid_data, seq_length, config, world, dp)
+    template = run_chat_template(train_data, start)
+    tasks = _eval_tasks(args)
+    return RunPlan(start, tokenizer_path, train_data, valid_data, seq_length, config, world, dp, template, tasks)
