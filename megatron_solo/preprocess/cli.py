@@ -16,7 +16,20 @@ from megatron_solo.preprocess.sources import group_words, kinds
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.preprocess", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
+    _add_build(sub)
+    _add_partition_flags(sub.choices["build"])
+    _add_checks(sub)
+    _add_merge(sub)
+    d = sub.add_parser("demo", help="build the bundled demo shard sets (train/valid) + tokenizer")
+    d.add_argument("--out", required=True)
+    d.add_argument("--seq-length", type=int, default=1024)
+    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--partitions", type=int, default=1, help="build the train split as N partitions, merged")
+    d.add_argument("--quiet", action="store_true")
+    return p
 
+
+def _add_build(sub) -> None:
     b = sub.add_parser("build", help="raw corpora -> a shard set (resumable: re-run the same command)")
     b.add_argument(
         "--source",
@@ -65,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
         "published shard sets)",
     )
     b.add_argument("--quiet", action="store_true", help="no progress bar (logs)")
+
+
+def _add_partition_flags(b: argparse.ArgumentParser) -> None:
     pg = b.add_argument_group("partitioned builds (docs/preprocess.md: sizing N and M)")
     pg.add_argument(
         "--partition",
@@ -95,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
         help="start a partition whose process was killed again this many times (it resumes; default 2)",
     )
 
+
+def _add_checks(sub) -> None:
     v = sub.add_parser("validate", help="check a shard set: checksums, counts, boundaries; exit 1 on any problem")
     v.add_argument("dir")
     v.add_argument(
@@ -109,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True, help="PNG to write")
     i.add_argument("--tokenizer", help="tokenizer.model to decode text (default: the manifest's)")
 
+
+def _add_merge(sub) -> None:
     m = sub.add_parser(
         "merge",
         help="one shard set listing other shard sets (a manifest only; appends to OUT's list when run again)",
@@ -123,14 +143,6 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_SKIP_FRACTION,
         help="the no-silent-build check on the merged counts (as build's; default %(default)s)",
     )
-
-    d = sub.add_parser("demo", help="build the bundled demo shard sets (train/valid) + tokenizer")
-    d.add_argument("--out", required=True)
-    d.add_argument("--seq-length", type=int, default=1024)
-    d.add_argument("--workers", type=int, default=2)
-    d.add_argument("--partitions", type=int, default=1, help="build the train split as N partitions, merged")
-    d.add_argument("--quiet", action="store_true")
-    return p
 
 
 def _workers(args: argparse.Namespace, at_once: int | None) -> int:
