@@ -72,7 +72,9 @@ class BuildConfig:
     out: str
     seq_length: int = 32768
     workers: int = field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1))
-    shard_size_packs: int = 128  # fill ~0.993 on the SOLO mix; 64 gives ~0.986 (one part-filled pack a shard)
+    # 256: fill ~0.996 on the SOLO and interleaved+SFT mixes (0.993 at 128: each shard ends part-filled); a resumed
+    # build redoes at most one shard, seconds of work at ~1K images/s (bench_pack_fill.py, docs/preprocess.md)
+    shard_size_packs: int = 256
     seed: int = 1234
     fast_decode: bool = False
     long_text: str = "split"

@@ -50,7 +50,11 @@ def _add_build(sub) -> None:
         help="decode/tokenize processes per build (default: CPUs - 1, the parent packs and writes; with M local "
         "partitions CPUs / M - 1; under --ray 3; 0: all in one process)",
     )
-    b.add_argument("--shard-size-packs", type=int, default=128, help="about this many packs per shard (default 128)")
+    b.add_argument(
+        "--shard-size-packs",
+        type=int,
+        help="about this many packs per shard (default 256: pack fill ~0.996; docs/preprocess.md)",
+    )
     b.add_argument("--seed", type=int, default=1234, help="shuffles imagefolder records (default 1234)")
     b.add_argument("--fast-decode", action="store_true", help="JPEG draft decoding before the exact resize (opt-in)")
     b.add_argument("--long-text", choices=("split", "drop"), default="split", help="text longer than a pack")
@@ -189,7 +193,6 @@ def _build(args: argparse.Namespace) -> int:
         out=args.out,
         seq_length=args.seq_length,
         workers=_workers(args, at_once),
-        shard_size_packs=args.shard_size_packs,
         seed=args.seed,
         fast_decode=args.fast_decode,
         long_text=args.long_text,
@@ -202,6 +205,7 @@ def _build(args: argparse.Namespace) -> int:
         checksum=args.checksum,
         partition=args.partition,
         quiet=args.quiet,
+        **({} if args.shard_size_packs is None else {"shard_size_packs": args.shard_size_packs}),  # one default
     )
     if orchestrate:
         run = lambda: build_partitioned(cfg, count, at_once, args.ray or None, args.ray is not None, args.retries)
